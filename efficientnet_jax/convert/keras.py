@@ -1,0 +1,428 @@
+"""Keras applications EfficientNetB0-B7 -> efficientnet_jax variables.
+
+Our Flax submodules carry the Keras layer names (`stem_conv`, `block2a/expand_conv`, `top_bn`,
+`predictions`, ...), so conversion is a name-for-name copy with three layout rules:
+
+* BatchNormalization: gamma/beta -> params scale/bias, moving_mean/moving_variance ->
+  batch_stats mean/var. Both use epsilon 1e-3, so inference matches without rescaling anything.
+* DepthwiseConv2D: Keras stores (kh, kw, C, 1) (a channel multiplier of 1 in the last axis);
+  ours is (kh, kw, 1, C), the HWIO layout of a convolution with C feature groups. We swap the
+  last two axes with a transpose (with a size-1 axis a reshape gives the same array; the
+  transpose spells out the layout change, and a channel multiplier > 1 fails the shape check).
+* Conv2D and Dense: HWIO and (in, out) in both frameworks, copied as they are.
+
+The walk is driven by *our* expected variable tree (from `jax.eval_shape` of `model.init`), so
+every variable we need is filled exactly once; every weight of every Keras layer must in turn be
+consumed, except those of the input preprocessing layers (Rescaling/Normalization), which are no
+part of our model: our model takes already-normalised images, and `keras_normalization` tells
+what normalisation the Keras model applies. Anything missing, left over or mis-shaped raises
+`KerasConversionError` listing the offending tensors in network order.
+
+TensorFlow/Keras are imported lazily, inside the functions that need them, so that importing this
+module costs nothing for users who never convert.
+
+Typical use, with Keras's ImageNet file for B0 (`efficientnetb0.h5`, from Keras's download cache):
+
+    variables = load_keras_weights('efficientnetb0.h5', 'efficientnet-b0')
+    model = create_model('efficientnet-b0')
+    logits = model.apply(variables, images_normalised, train=False)
+
+where `images_normalised = (rgb_0_255 - spec.mean_rgb) / spec.stddev_rgb` with
+`spec = get_variant('efficientnet-b0')`: exactly what Keras computes for `weights='imagenet'`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+# The Keras applications builders, by our variant name. Keras ships B0-B7 only.
+KERAS_BUILDERS = {f'efficientnet-b{i}': f'EfficientNetB{i}' for i in range(8)}
+
+# Layers in front of `stem_conv_pad` that implement input preprocessing. They hold no weights of
+# our model (Normalization holds its mean/variance/count), so the converter skips them and
+# `keras_normalization` folds them into one per-channel affine map.
+_PREPROCESSING_CLASSES = ('Rescaling', 'Normalization')
+
+# Our variable (collection, name) <- Keras weight name, per kind of layer.
+_BN_MAP = {('params', 'scale'): 'gamma', ('params', 'bias'): 'beta',
+           ('batch_stats', 'mean'): 'moving_mean', ('batch_stats', 'var'): 'moving_variance'}
+_CONV_MAP = {('params', 'kernel'): 'kernel', ('params', 'bias'): 'bias'}
+_DEPTHWISE_MAP = {('params', 'kernel'): 'depthwise_kernel'}
+
+# Network order of the layers inside one MBConv block, for readable error listings.
+_BLOCK_LAYER_ORDER = ('expand_conv', 'expand_bn', 'dwconv', 'bn', 'se_reduce', 'se_expand',
+                      'project_conv', 'project_bn')
+_TOP_ORDER = {'stem_conv': 0, 'stem_bn': 1, 'top_conv': 3, 'top_bn': 4, 'predictions': 5}
+_BLOCK_RE = re.compile(r'^block(\d+)([a-z]|_\d+)_(\w+)$')
+_NAME_RE = re.compile(r'efficientnet[-_]?(b\d|l2|lite\d)$', re.IGNORECASE)
+
+
+class KerasConversionError(ValueError):
+  """The Keras model's weights do not fit the requested efficientnet_jax variant."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasLayerWeights:
+  """The weights of one Keras layer as numpy arrays, keyed by their short Keras names.
+
+  Names are canonical: 'kernel', 'bias', 'gamma', 'beta', 'moving_mean', 'moving_variance', and
+  'depthwise_kernel' for depthwise convolutions (Keras 3 calls that one 'kernel'; Keras 2 and the
+  legacy .h5 format call it 'depthwise_kernel', which is unambiguous, so we use that).
+  """
+  class_name: str
+  weights: Mapping[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasPreprocessing:
+  """Keras's input preprocessing folded into one per-channel affine map: `x * scale + offset`.
+
+  `x` is in the units the Keras model takes (RGB in [0, 255] for keras.applications). Equivalently
+  `(x - mean_rgb) / stddev_rgb`, the form `VariantSpec` uses, so the two can be compared directly.
+  `layers` names the Keras layers that were folded, in order.
+  """
+  scale: np.ndarray
+  offset: np.ndarray
+  layers: tuple[str, ...]
+
+  @property
+  def mean_rgb(self) -> np.ndarray:
+    return -self.offset / self.scale
+
+  @property
+  def stddev_rgb(self) -> np.ndarray:
+    return 1.0 / self.scale
+
+  def __call__(self, images):
+    """Normalises NHWC images (numpy or jax arrays) as the Keras model's first layers do."""
+    return images * self.scale.astype(np.float32) + self.offset.astype(np.float32)
+
+
+def _short_name(variable) -> str:
+  # Keras 3: 'kernel'; Keras 2 / tf.keras: 'block1a_dwconv/depthwise_kernel:0'.
+  return variable.name.split('/')[-1].split(':')[0]
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'numpy'):
+    value = value.numpy()
+  return np.asarray(value)
+
+
+def _preprocessing_layers(keras_model) -> list:
+  """The leading Rescaling/Normalization layers, in order, up to the first other layer."""
+  found = []
+  for layer in keras_model.layers:
+    kind = type(layer).__name__
+    if kind == 'InputLayer':
+      continue
+    if kind not in _PREPROCESSING_CLASSES:
+      break
+    found.append(layer)
+  return found
+
+
+def keras_layer_weights(keras_model) -> dict[str, KerasLayerWeights]:
+  """Every weight-bearing Keras layer except the input preprocessing ones, in model order."""
+  skip = {layer.name for layer in _preprocessing_layers(keras_model)}
+  result = {}
+  for layer in keras_model.layers:
+    if layer.name in skip or not layer.weights:
+      continue
+    kind = type(layer).__name__
+    arrays = layer.get_weights()  # same order as layer.weights
+    weights = {}
+    for variable, array in zip(layer.weights, arrays):
+      name = _short_name(variable)
+      if kind == 'DepthwiseConv2D' and name == 'kernel':
+        name = 'depthwise_kernel'
+      weights[name] = np.asarray(array)
+    result[layer.name] = KerasLayerWeights(kind, weights)
+  return result
+
+
+def _network_order(layer_name: str) -> tuple:
+  """Sort key that lists layers stem -> blocks (by stage, repeat, inner layer) -> head."""
+  match = _BLOCK_RE.match(layer_name)
+  if match:
+    stage, letter, inner = match.groups()
+    repeat = ord(letter) - ord('a') if len(letter) == 1 else int(letter[1:])
+    inner_pos = (_BLOCK_LAYER_ORDER.index(inner) if inner in _BLOCK_LAYER_ORDER
+                 else len(_BLOCK_LAYER_ORDER))
+    return (2, int(stage), repeat, inner_pos, layer_name)
+  return (_TOP_ORDER.get(layer_name, 6), 0, 0, 0, layer_name)
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_modules(model_name: str, num_classes: int):
+  """Our variable shapes grouped by module, keyed by the Keras layer name of that module.
+
+  Returns ({layer name: {(collection, variable): shape}}, {layer name: our module path}).
+  The Keras name of a module is its path joined by '_': ('block1a', 'dwconv') -> 'block1a_dwconv'.
+  Cached (tracing B7's init takes seconds); callers must treat the result as read-only.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from efficientnet_jax.models import create_model
+
+  # 'xla' only keeps the abstract trace short; the variables do not depend on conv_impl, nor on
+  # the (tiny) input resolution, which only has to survive the network's stride of 32.
+  model = create_model(model_name, num_classes=num_classes, conv_impl='xla')
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+  modules: dict[str, dict[tuple[str, str], tuple]] = {}
+  paths: dict[str, tuple[str, ...]] = {}
+  for collection, tree in shapes.items():
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      keys = tuple(entry.key for entry in path)
+      layer = '_'.join(keys[:-1])
+      paths[layer] = keys[:-1]
+      modules.setdefault(layer, {})[(collection, keys[-1])] = tuple(leaf.shape)
+  # Network order, so that conversion errors list the earliest problem first.
+  order = sorted(modules, key=_network_order)
+  return {name: modules[name] for name in order}, paths
+
+
+def _format_problems(problems: list[tuple[str, str]], limit: int = 12) -> str:
+  problems = sorted(problems, key=lambda p: _network_order(p[0]))
+  lines = [f'  {text}' for _, text in problems[:limit]]
+  if len(problems) > limit:
+    lines.append(f'  ... and {len(problems) - limit} more')
+  return '\n'.join(lines)
+
+
+def convert_keras_weights(layers: Mapping[str, KerasLayerWeights], model_name: str,
+                          num_classes: int, source: str = 'Keras model',
+                          hint: str = '') -> dict[str, Any]:
+  """Maps per-layer Keras weights (see `keras_layer_weights`) onto our variable tree.
+
+  Pure numpy: usable on weights read from anywhere (e.g. an .h5 file opened with h5py) as long as
+  they are keyed by Keras layer name. Returns {'params': ..., 'batch_stats': ...} of float32
+  numpy arrays. Raises `KerasConversionError` naming every missing, mis-shaped or unused tensor;
+  `source` and `hint` only word that error.
+  """
+  expected, paths = _expected_modules(model_name, num_classes)
+  variables: dict[str, dict] = {}
+  used: set[tuple[str, str]] = set()
+  problems: list[tuple[str, str]] = []
+
+  for layer_name, wanted in expected.items():
+    source_layer = layers.get(layer_name)
+    if source_layer is None:
+      problems.append((layer_name, f'missing: no Keras layer {layer_name!r} '
+                                   f'(needed for {len(wanted)} variable(s))'))
+      continue
+    weights = source_layer.weights
+    if ('params', 'scale') in wanted:
+      mapping = _BN_MAP
+    elif 'depthwise_kernel' in weights:
+      mapping = _DEPTHWISE_MAP
+    else:
+      mapping = _CONV_MAP
+    for (collection, ours), shape in wanted.items():
+      keras_name = mapping.get((collection, ours))
+      tensor = f'{layer_name}/{keras_name or ours}'
+      if keras_name is None or keras_name not in weights:
+        problems.append((layer_name, f'missing: {tensor} (for our {collection} '
+                                     f'{layer_name}/{ours} {shape}); the Keras layer has '
+                                     f'{sorted(weights)}'))
+        continue
+      value = np.asarray(weights[keras_name], dtype=np.float32)
+      if keras_name == 'depthwise_kernel' and value.ndim == 4:
+        value = value.transpose(0, 1, 3, 2)  # (kh, kw, C, 1) -> (kh, kw, 1, C)
+      if value.shape != shape:
+        note = ' (after the depthwise transpose)' if keras_name == 'depthwise_kernel' else ''
+        problems.append((layer_name, f'shape mismatch: {tensor} is {tuple(value.shape)}{note}, '
+                                     f'expected {shape}'))
+        continue
+      used.add((layer_name, keras_name))
+      node = variables.setdefault(collection, {})
+      for key in paths[layer_name]:
+        node = node.setdefault(key, {})
+      node[ours] = value
+
+  for layer_name, source_layer in layers.items():
+    for keras_name, value in source_layer.weights.items():
+      if (layer_name, keras_name) in used:
+        continue
+      if layer_name in expected and any(p[0] == layer_name for p in problems):
+        continue  # already reported as mismatched/missing above
+      problems.append((layer_name, f'unused: Keras weight {layer_name}/{keras_name} '
+                                   f'{tuple(np.shape(value))} has no place in {model_name}'))
+
+  if problems:
+    raise KerasConversionError(
+        f'Cannot convert {source} into {model_name} with {num_classes} classes: '
+        f'{len(problems)} problem(s), first in network order:\n{_format_problems(problems)}\n'
+        f'{hint}Check that model_name matches the Keras variant (EfficientNetB0..B7 <-> '
+        "'efficientnet-b0'..'efficientnet-b7') and that the Keras model was built with "
+        'include_top=True.')
+  return variables
+
+
+def infer_model_name(keras_model) -> str:
+  """Our variant name for a Keras EfficientNet, from its name or else its structure.
+
+  keras.applications names the models 'efficientnetb0'..'efficientnetb7'. A renamed model is
+  matched by its stem width, head width and number of blocks per stage against B0-B7.
+  """
+  match = _NAME_RE.search(keras_model.name)
+  if match:
+    return f'efficientnet-{match.group(1).lower()}'
+  from efficientnet_jax.models import create_model, round_filters
+  from efficientnet_jax.models.variants import HEAD_FILTERS, STEM_FILTERS
+
+  names = {layer.name for layer in keras_model.layers}
+  repeats: dict[int, int] = {}
+  for name in names:
+    m = _BLOCK_RE.match(name)
+    if m and m.group(3) == 'project_conv':
+      repeats[int(m.group(1))] = repeats.get(int(m.group(1)), 0) + 1
+  observed = tuple(repeats[s] for s in sorted(repeats))
+  try:
+    stem = keras_model.get_layer('stem_conv').get_weights()[0].shape[-1]
+    head = keras_model.get_layer('top_conv').get_weights()[0].shape[-1]
+  except ValueError:
+    stem = head = None
+  for name in KERAS_BUILDERS:
+    model = create_model(name)
+    plan = tuple(r for r, _ in model.stage_plan())
+    if (plan == observed and stem == round_filters(STEM_FILTERS, model.width_coefficient)
+        and head == round_filters(HEAD_FILTERS, model.width_coefficient)):
+      return name
+  raise KerasConversionError(
+      f'Cannot tell which EfficientNet the Keras model {keras_model.name!r} is: its name is not '
+      f"'efficientnetb0'..'efficientnetb7' and its structure (stem {stem}, head {head} "
+      f'channels, blocks per stage {observed}) matches none of B0-B7. Pass model_name=.')
+
+
+def convert_keras_model(keras_model, model_name: str | None = None,
+                        num_classes: int | None = None) -> dict[str, Any]:
+  """Converts a `keras.applications.EfficientNetB0..B7` model into our variables.
+
+  Args:
+    keras_model: the Keras model, built with include_top=True (its input size is irrelevant).
+    model_name: our variant name, e.g. 'efficientnet-b0'; inferred from the Keras model if None.
+    num_classes: inferred from the 'predictions' layer if None.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} with float32 numpy arrays, ready for
+    `create_model(model_name, num_classes).apply(variables, x, train=False)`. Our model returns
+    logits; a Keras model built with the default classifier_activation='softmax' returns
+    probabilities from the same logits.
+  """
+  hint = ''
+  if model_name is None:
+    model_name = infer_model_name(keras_model)
+  else:
+    try:
+      looks_like = infer_model_name(keras_model)
+    except KerasConversionError:
+      looks_like = None
+    if looks_like and looks_like != model_name:
+      hint = f'The Keras model looks like {looks_like}, not {model_name}. '
+  layers = keras_layer_weights(keras_model)
+  if num_classes is None:
+    if 'predictions' not in layers or 'kernel' not in layers['predictions'].weights:
+      raise KerasConversionError(
+          f'The Keras model {keras_model.name!r} has no "predictions" Dense layer; build it with '
+          'include_top=True (our model always has a classifier), or pass num_classes=.')
+    num_classes = int(layers['predictions'].weights['kernel'].shape[-1])
+  return convert_keras_weights(layers, model_name, num_classes,
+                               source=f'Keras model {keras_model.name!r}', hint=hint)
+
+
+def keras_normalization(keras_model) -> KerasPreprocessing:
+  """The input preprocessing of a Keras EfficientNet as one per-channel affine map.
+
+  keras.applications EfficientNets take RGB in [0, 255] and normalise inside the model:
+  Rescaling(1/255), then Normalization with the layer's own mean/variance
+  (`(x - mean) / max(sqrt(variance), epsilon)`), and, only when built with weights='imagenet',
+  a further Rescaling by 1/sqrt(stddev). That last layer exists because Keras's ImageNet files
+  store the *standard deviation* in the Normalization variance slot; dividing by its square root
+  twice makes the whole chain `(x / 255 - mean) / stddev`, the official normalisation. A model
+  built with weights=None has no such layer and, un-adapted, Normalization is the identity (mean
+  0, variance 1), so its chain is just x / 255.
+
+  This reads whatever layers the given model really has (every leading Rescaling/Normalization
+  layer) and returns their composition, so `prep(x)` equals the activations the Keras model feeds
+  to 'stem_conv_pad', which are our model's expected input.
+  """
+  import keras
+
+  scale = np.ones(3, np.float64)
+  offset = np.zeros(3, np.float64)
+  names = []
+  for layer in _preprocessing_layers(keras_model):
+    kind = type(layer).__name__
+    if kind == 'Rescaling':
+      s = np.broadcast_to(np.asarray(layer.scale, np.float64).reshape(-1), (3,))
+      o = np.broadcast_to(np.asarray(layer.offset, np.float64).reshape(-1), (3,))
+    else:  # Normalization
+      axis = tuple(np.atleast_1d(layer.axis)) if layer.axis is not None else ()
+      if axis not in ((-1,), (3,)):
+        raise KerasConversionError(
+            f'Normalization layer {layer.name!r} normalises over axis {layer.axis}; only the '
+            'channels-last axis (-1) is supported.')
+      mean = layer.mean if layer.mean is not None else layer.input_mean
+      variance = layer.variance if layer.variance is not None else layer.input_variance
+      mean = np.broadcast_to(_to_numpy(mean).astype(np.float64).reshape(-1), (3,))
+      std = np.sqrt(np.broadcast_to(_to_numpy(variance).astype(np.float64).reshape(-1), (3,)))
+      std = np.maximum(std, keras.config.epsilon())  # as Normalization.call does
+      if getattr(layer, 'invert', False):
+        s, o = std, mean
+      else:
+        s, o = 1.0 / std, -mean / std
+    # Compose y = s * (scale * x + offset) + o.
+    scale, offset = s * scale, s * offset + o
+    names.append(layer.name)
+  return KerasPreprocessing(scale=scale, offset=offset, layers=tuple(names))
+
+
+def load_keras_weights(path: str, model_name: str, num_classes: int = 1000) -> dict[str, Any]:
+  """Builds the Keras architecture of `model_name`, loads a weights file into it and converts it.
+
+  Args:
+    path: a Keras weights file: Keras 3 `.weights.h5` (from `model.save_weights`) or a legacy
+      `.h5` such as Keras's ImageNet files `efficientnetb0.h5` .. `efficientnetb7.h5`. It must
+      hold the full model with its classifier (not a `_notop` file).
+    model_name: 'efficientnet-b0' .. 'efficientnet-b7'.
+    num_classes: the size of the classifier stored in the file.
+
+  Returns:
+    Our variables {'params': ..., 'batch_stats': ...}. For Keras's ImageNet files the expected
+    input is `(rgb_0_255 - mean_rgb) / stddev_rgb` with the variant spec's ImageNet constants;
+    the Keras model built here (weights=None) lacks the ImageNet-only Rescaling layer, so do not
+    take the preprocessing of an ImageNet file from `keras_normalization` of that model.
+  """
+  if model_name not in KERAS_BUILDERS:
+    raise KerasConversionError(
+        f'Keras applications have no {model_name!r}; Keras ships '
+        f'{", ".join(KERAS_BUILDERS)} only.')
+  import keras
+
+  builder = getattr(keras.applications, KERAS_BUILDERS[model_name])
+  # The weights do not depend on the input size; the smallest size Keras accepts keeps the
+  # throwaway Keras model cheap to build.
+  keras_model = builder(weights=None, input_shape=(32, 32, 3), classes=num_classes,
+                        classifier_activation=None)
+  try:
+    with warnings.catch_warnings():
+      # Keras 3.15 warns once per layer that it skips '_operations_by_depth/container_N' when
+      # loading a .weights.h5 into a functional model: those containers alias the layers it
+      # already loaded under 'layers/', so the warning is noise here (the tests check that every
+      # converted tensor equals the saved one).
+      warnings.filterwarnings('ignore', message='Skipping nested container',
+                              category=UserWarning)
+      keras_model.load_weights(path)
+  except Exception as err:  # Keras raises a mix of ValueError/KeyError/OSError here.
+    raise KerasConversionError(
+        f'Could not load {path!r} into a Keras {KERAS_BUILDERS[model_name]} with '
+        f'{num_classes} classes: {err}. The file must hold the full model (include_top=True, '
+        'not a _notop file) of that variant with that many classes.') from err
+  return convert_keras_model(keras_model, model_name=model_name, num_classes=num_classes)

@@ -1,0 +1,151 @@
+"""The EfficientNet family as data: the B0 block table and one row of coefficients per variant.
+
+Nothing here builds a network. `efficientnet.EfficientNet` reads these tables, and
+`scaling.round_filters` / `scaling.round_repeats` turn B0's table into any larger variant's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArgs:
+  """One stage of MBConv blocks, in baseline (B0) channels and repeats."""
+  repeats: int
+  kernel_size: int
+  stride: int
+  expand_ratio: int
+  in_filters: int
+  out_filters: int
+  se_ratio: float  # 0 disables squeeze-and-excitation.
+
+  def encode(self) -> str:
+    """The official block-string form, e.g. 'r1_k3_s11_e1_i32_o16_se0.25'."""
+    return (f'r{self.repeats}_k{self.kernel_size}_s{self.stride}{self.stride}_e{self.expand_ratio}'
+            f'_i{self.in_filters}_o{self.out_filters}_se{self.se_ratio:g}')
+
+
+_BLOCK_RE = re.compile(
+    r'^r(?P<r>\d+)_k(?P<k>\d+)_s(?P<s>\d)(?P<s2>\d)_e(?P<e>\d+)_i(?P<i>\d+)_o(?P<o>\d+)'
+    r'(?:_se(?P<se>[0-9.]+))?$')
+
+
+def decode_block_string(block_string: str) -> BlockArgs:
+  """Parses an official block string such as 'r2_k3_s22_e6_i16_o24_se0.25'."""
+  match = _BLOCK_RE.match(block_string)
+  if not match or match['s'] != match['s2']:
+    raise ValueError(
+        f'Cannot parse block string {block_string!r}. Expected the official form '
+        "'r<repeats>_k<kernel>_s<stride><stride>_e<expand>_i<in>_o<out>[_se<ratio>]', "
+        "for example 'r2_k3_s22_e6_i16_o24_se0.25' (square strides only).")
+  return BlockArgs(
+      repeats=int(match['r']), kernel_size=int(match['k']), stride=int(match['s']),
+      expand_ratio=int(match['e']), in_filters=int(match['i']), out_filters=int(match['o']),
+      se_ratio=float(match['se'] or 0.0))
+
+
+# EfficientNet-B0, found by the paper's architecture search (Table 1).
+B0_BLOCK_STRINGS = (
+    'r1_k3_s11_e1_i32_o16_se0.25',
+    'r2_k3_s22_e6_i16_o24_se0.25',
+    'r2_k5_s22_e6_i24_o40_se0.25',
+    'r3_k3_s22_e6_i40_o80_se0.25',
+    'r3_k5_s11_e6_i80_o112_se0.25',
+    'r4_k5_s22_e6_i112_o192_se0.25',
+    'r1_k3_s11_e6_i192_o320_se0.25',
+)
+B0_BLOCKS = tuple(decode_block_string(s) for s in B0_BLOCK_STRINGS)
+# EfficientNet-Lite removes squeeze-and-excitation, which quantises and runs poorly on mobile
+# accelerators.
+LITE_BLOCKS = tuple(dataclasses.replace(b, se_ratio=0.0) for b in B0_BLOCKS)
+
+STEM_FILTERS = 32
+HEAD_FILTERS = 1280
+
+# Input normalisation, in [0, 255] pixel units.
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+LITE_MEAN_RGB = (127.0, 127.0, 127.0)
+LITE_STDDEV_RGB = (128.0, 128.0, 128.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+  """Everything that distinguishes one named variant: coefficients plus preprocessing metadata.
+
+  The preprocessing fields travel with the weights so that pipelines and converters never guess
+  (a wrong mean/std or crop costs 5-20 points of top-1).
+  """
+  name: str
+  width: float
+  depth: float
+  resolution: int
+  dropout: float
+  lite: bool = False
+  crop_padding: int = 32
+  interpolation: str = 'bicubic'
+  # Published figures, for tests and the summary table (None where none is published).
+  published_params: int | None = None
+  paper_madds: float | None = None  # multiply-adds, Table 2 of the paper
+  paper_top1: float | None = None
+
+  @property
+  def blocks(self) -> tuple[BlockArgs, ...]:
+    return LITE_BLOCKS if self.lite else B0_BLOCKS
+
+  @property
+  def activation(self) -> str:
+    return 'relu6' if self.lite else 'swish'
+
+  @property
+  def mean_rgb(self) -> tuple[float, float, float]:
+    return LITE_MEAN_RGB if self.lite else IMAGENET_MEAN_RGB
+
+  @property
+  def stddev_rgb(self) -> tuple[float, float, float]:
+    return LITE_STDDEV_RGB if self.lite else IMAGENET_STDDEV_RGB
+
+  @property
+  def crop_fraction(self) -> float:
+    return self.resolution / (self.resolution + self.crop_padding)
+
+
+def _b(n, w, d, r, p, params=None, madds=None, top1=None):
+  return VariantSpec(f'efficientnet-{n}', w, d, r, p, published_params=params, paper_madds=madds,
+                     paper_top1=top1)
+
+
+def _lite(n, w, d, r, p, top1):
+  return VariantSpec(f'efficientnet-lite{n}', w, d, r, p, lite=True, paper_top1=top1)
+
+
+VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
+    _b('b0', 1.0, 1.0, 224, 0.2, 5_288_548, 0.39e9, 77.1),
+    _b('b1', 1.0, 1.1, 240, 0.2, 7_794_184, 0.70e9, 79.1),
+    _b('b2', 1.1, 1.2, 260, 0.3, 9_109_994, 1.0e9, 80.1),
+    _b('b3', 1.2, 1.4, 300, 0.3, 12_233_232, 1.8e9, 81.6),
+    _b('b4', 1.4, 1.8, 380, 0.4, 19_341_616, 4.2e9, 82.9),
+    _b('b5', 1.6, 2.2, 456, 0.4, 30_389_784, 9.9e9, 83.6),
+    _b('b6', 1.8, 2.6, 528, 0.5, 43_040_704, 19e9, 84.0),
+    _b('b7', 2.0, 3.1, 600, 0.5, 66_347_960, 37e9, 84.3),
+    _b('b8', 2.2, 3.6, 672, 0.5),
+    _b('l2', 4.3, 5.3, 800, 0.5),
+    _lite(0, 1.0, 1.0, 224, 0.2, 75.1),
+    _lite(1, 1.0, 1.1, 240, 0.2, 76.7),
+    _lite(2, 1.1, 1.2, 260, 0.3, 77.6),
+    _lite(3, 1.2, 1.4, 280, 0.3, 79.8),
+    _lite(4, 1.4, 1.8, 300, 0.3, 81.5),
+)}
+
+
+def get_variant(name: str) -> VariantSpec:
+  """Looks a variant up by name, with a helpful error for typos."""
+  try:
+    return VARIANTS[name]
+  except KeyError:
+    close = difflib.get_close_matches(str(name), list(VARIANTS), n=1)
+    hint = f' Did you mean {close[0]!r}?' if close else ''
+    raise ValueError(
+        f'Unknown model {name!r}.{hint} Valid names: {", ".join(VARIANTS)}.') from None
