@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from efficientnet_jax.models.efficientnet import EfficientNet, MBConvBlock
+from efficientnet_jax.models.inference import make_inference_fn
 from efficientnet_jax.models.layers import CONV_IMPLS
 from efficientnet_jax.models.scaling import (ALPHA, BETA, GAMMA, compound_coefficients,
                                              round_filters, round_repeats)
@@ -20,7 +21,7 @@ from efficientnet_jax.models.variants import (B0_BLOCKS, VARIANTS, BlockArgs, Va
 __all__ = [
     'ALPHA', 'BETA', 'GAMMA', 'B0_BLOCKS', 'VARIANTS', 'BlockArgs', 'CONV_IMPLS', 'EfficientNet',
     'MBConvBlock', 'VariantSpec', 'compound_coefficients', 'create_model', 'decode_block_string',
-    'get_variant', 'round_filters', 'round_repeats',
+    'get_variant', 'make_inference_fn', 'round_filters', 'round_repeats',
 ]
 
 

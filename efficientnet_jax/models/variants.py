@@ -29,7 +29,7 @@ class BlockArgs:
 
 _BLOCK_RE = re.compile(
     r'^r(?P<r>\d+)_k(?P<k>\d+)_s(?P<s>\d)(?P<s2>\d)_e(?P<e>\d+)_i(?P<i>\d+)_o(?P<o>\d+)'
-    r'(?:_se(?P<se>[0-9.]+))?$')
+    r'(?:_se(?P<se>\d+(?:\.\d+)?))?$')
 
 
 def decode_block_string(block_string: str) -> BlockArgs:
