@@ -1,0 +1,151 @@
+"""The config files: every variant's coefficients, the 'smoke' argument, the lock, and B7 starting.
+
+configs/<name>.py must describe efficientnet-<name> exactly as `efficientnet_jax.models.VARIANTS`
+does (the same coefficients live in two places, so they are checked against each other).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientnet_jax import optim, sharding, train
+from efficientnet_jax.models import VARIANTS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / 'configs'
+NOT_VARIANTS = ('default', 'quickstart')
+VARIANT_FILES = sorted(pathlib.Path(p).stem for p in glob.glob(str(CONFIG_DIR / '*.py'))
+                       if pathlib.Path(p).stem not in NOT_VARIANTS and
+                       not pathlib.Path(p).stem.startswith('_'))
+B7_TRAINABLE_PARAMS = 66_347_960
+
+
+def load(name):
+  """Imports configs/<name>.py by path, as config_flags does."""
+  spec = importlib.util.spec_from_file_location(f'_test_configs_{name}', CONFIG_DIR / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _subprocess_env(fast_compile=False):
+  env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['CUDA_VISIBLE_DEVICES'] = ''
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  if fast_compile:  # Cheaper XLA:CPU code generation; compiling B7 dominates the run.
+    flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
+  return env
+
+
+def test_one_config_file_per_variant():
+  assert sorted(f'efficientnet-{name}' for name in VARIANT_FILES) == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize('name', VARIANT_FILES)
+def test_variant_config_matches_model_zoo(name):
+  config = load(name).get_config()
+  spec = VARIANTS[f'efficientnet-{name}']
+  assert config.model == spec.name
+  assert config.width == spec.width
+  assert config.depth == spec.depth
+  assert config.resolution == spec.resolution
+  assert config.dropout == spec.dropout
+  # Everything else is the paper recipe of configs/default.py.
+  base = load('default').get_config()
+  assert config.num_classes == base.num_classes == 1000
+  assert config.optimizer == base.optimizer and config.learning_rate == base.learning_rate
+  assert config.dataset == 'imagenet2012'
+  assert config.batch_size % 8 == 0
+
+
+@pytest.mark.parametrize('name', VARIANT_FILES + list(NOT_VARIANTS))
+def test_smoke_argument(name):
+  module = load(name)
+  full, smoke = module.get_config(), module.get_config('smoke')
+  # Same experiment (model, coefficients, dataset), shrunk.
+  for key in ('model', 'width', 'depth', 'dropout', 'dataset', 'num_classes', 'optimizer'):
+    assert smoke[key] == full[key], key
+  assert smoke.resolution == 64 and smoke.batch_size == 16 and smoke.num_train_steps == 4
+  assert smoke.batch_size % 8 == 0 and smoke.eval_batch_size % 8 == 0
+  with pytest.raises(ValueError, match=r"Unknown config argument 'smok'.*'smoke'"):
+    module.get_config('smok')
+
+
+@pytest.mark.parametrize('name', ['default', 'b7', 'quickstart', 'lite0'])
+def test_config_is_locked(name):
+  config = load(name).get_config('smoke')
+  with pytest.raises(AttributeError, match=r'learnig_rate.*Did you mean "learning_rate"'):
+    config.learnig_rate = 1.0
+  config.learning_rate = 1.0  # Existing fields can still be overridden.
+  assert config.learning_rate == 1.0
+
+
+def test_main_rejects_mistyped_override(tmp_path):
+  workdir = tmp_path / 'workdir'
+  result = subprocess.run(
+      [sys.executable, '-m', 'efficientnet_jax.main', f'--config={CONFIG_DIR / "default.py"}:smoke',
+       f'--workdir={workdir}', '--config.learnig_rate=1'],
+      cwd=str(ROOT), env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+  output = result.stdout + result.stderr
+  assert result.returncode != 0, output
+  assert 'learnig_rate' in output and 'Did you mean "learning_rate"' in output, output
+  assert not workdir.exists()  # Rejected while parsing flags, before anything started.
+
+
+def test_b7_smoke_model_is_b7():
+  """The cheap check: configs/b7.py:smoke builds exactly B7 (66,347,960 trainable parameters)."""
+  config = load('b7').get_config('smoke')
+  assert config.model == 'efficientnet-b7' and config.fsdp
+  model = train.build_model(config)
+  images = jax.ShapeDtypeStruct((1, config.resolution, config.resolution, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+  assert count == B7_TRAINABLE_PARAMS
+  # Its FSDP state sharding on the 8 test devices splits the big kernels.
+  tx = optim.create_optimizer(config, 1.0)
+  abstract = jax.eval_shape(
+      lambda key: train.create_train_state(key, model=model, tx=tx, config=config),
+      jax.random.key(0))
+  shardings = sharding.state_shardings(abstract, sharding.create_mesh(), config.fsdp,
+                                       config.fsdp_min_size)
+  kernel = shardings.params['top_conv']['kernel']
+  assert not kernel.is_fully_replicated
+  assert shardings.params['top_bn']['scale'].is_fully_replicated
+
+
+@pytest.mark.slow
+def test_b7_smoke_starts_on_mock_data(tmp_path):
+  """`python -m efficientnet_jax.main --config=configs/b7.py:smoke` trains a step on mock data."""
+  import tensorflow as tf
+  workdir = tmp_path / 'b7'
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'tests' / 'mock_main.py'), '--mock_num_examples=16',
+       f'--config={CONFIG_DIR / "b7.py"}:smoke', f'--workdir={workdir}',
+       '--config.num_train_steps=1', '--local_device_count=8'],
+      cwd=str(ROOT), env=_subprocess_env(fast_compile=True), capture_output=True, text=True,
+      timeout=1500)
+  output = result.stdout + result.stderr
+  assert result.returncode == 0, output[-6000:]
+  assert 'Final top-1:' in result.stdout, output[-6000:]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1']
+  losses = []
+  for path in glob.glob(str(workdir / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == 'train/loss':
+          losses.append(float(tf.make_ndarray(value.tensor)))
+  assert len(losses) == 1 and np.isfinite(losses[0])

@@ -1,0 +1,158 @@
+"""Two processes x 2 CPU devices (jax.distributed over 127.0.0.1, gloo collectives) must train
+exactly like one process x 4 devices.
+
+Both runs go through `python -m efficientnet_jax.main`'s code path (tests/mock_main.py wraps it in
+`tfds.testing.mock_data`). `config.data_shards=2` cuts the data into the same two shards in both
+layouts (one per process, or both in the single process), so the global batches are identical and
+the loss curves must agree up to the order of floating-point reductions. The recipe keeps the
+randomness the real smoke run has (Inception crops, flips, AutoAugment, dropout, stochastic
+depth), so a process that read, augmented or dropped differently would show.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / 'tests' / 'mock_main.py'
+TIMEOUT_S = 420
+NUM_STEPS = 5
+
+CONFIG_FLAGS = [
+    f'--config={ROOT / "configs" / "default.py"}:smoke',
+    '--config.resolution=32',
+    '--config.width=0.25',
+    '--config.depth=0.25',
+    '--config.augment=autoaugment',
+    '--config.data_shards=2',
+    '--config.batch_size=16',
+    '--config.eval_batch_size=8',
+    f'--config.num_train_steps={NUM_STEPS}',
+    '--config.log_every_steps=1',
+    '--config.eval_every_steps=100',
+    '--config.checkpoint_every_steps=100',
+    '--config.warmup_epochs=0',
+    '--config.learning_rate=0.2',
+    '--config.ema_decay=0.9',
+]
+
+
+def _env():
+  env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env['CUDA_VISIBLE_DEVICES'] = ''
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  # The conftest forces 8 host devices through XLA_FLAGS; here --local_device_count decides.
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
+  # Cheaper XLA:CPU code generation: compiling dominates these tiny runs, and both layouts are
+  # compiled with the same flags, so the comparison is unaffected.
+  flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, log_path, extra):
+  command = [sys.executable, str(WORKER), '--mock_num_examples=32', f'--workdir={workdir}',
+             *CONFIG_FLAGS, *extra]
+  log = open(log_path, 'w')
+  return subprocess.Popen(command, cwd=str(ROOT), env=_env(), stdout=log,
+                          stderr=subprocess.STDOUT), log
+
+
+def _wait(processes, logs):
+  failures = []
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    for (process, log), log_path in zip(processes, logs):
+      try:
+        code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        code = f'a timeout ({TIMEOUT_S} s for all processes)'
+      log.close()
+      if code != 0:
+        failures.append((log_path, code))
+  finally:
+    for process, _ in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  if failures:
+    report = []
+    for log_path, code in failures:
+      text = pathlib.Path(log_path).read_text()
+      report.append(f'--- {log_path} exited with {code}; last output:\n{text[-6000:]}')
+    pytest.fail('\n'.join(report))
+
+
+def _scalars(workdir):
+  scalars = {}
+  for path in sorted(glob.glob(os.path.join(str(workdir), 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('tensor'):
+          array = tf.make_ndarray(value.tensor)
+          if array.size != 1:
+            continue
+          number = float(array.reshape(()))
+        else:
+          number = float(value.simple_value)
+        scalars.setdefault(value.tag, []).append((int(event.step), number))
+  return scalars
+
+
+def test_two_processes_match_one_process(tmp_path):
+  # All three processes run at once: the runs are independent, and overlapping them overlaps
+  # their (mostly single-threaded) XLA compilations on the two cores.
+  single = tmp_path / 'single'
+  runs = [_launch(single, tmp_path / 'single.log', ['--local_device_count=4'])]
+  logs = [tmp_path / 'single.log']
+  multi = tmp_path / 'multi'
+  address = f'127.0.0.1:{_free_port()}'
+  for process_id in range(2):
+    log_path = tmp_path / f'multi{process_id}.log'
+    runs.append(_launch(multi, log_path, [
+        '--local_device_count=2', f'--coordinator_address={address}', '--num_processes=2',
+        f'--process_id={process_id}']))
+    logs.append(log_path)
+  _wait(runs, logs)
+
+  # Both layouts ran on 4 devices in total, in 1 and 2 processes.
+  assert 'JAX process 0/1, 4 local / 4 global devices' in (tmp_path / 'single.log').read_text()
+  assert 'JAX process 1/2, 2 local / 4 global devices' in (tmp_path / 'multi1.log').read_text()
+
+  expected, actual = _scalars(single), _scalars(multi)
+  steps = list(range(1, NUM_STEPS + 1))
+  for tag in ('train/loss', 'train/top1'):
+    assert [s for s, _ in expected[tag]] == steps, tag
+    assert [s for s, _ in actual[tag]] == steps, tag
+  loss_single = np.array([v for _, v in expected['train/loss']])
+  loss_multi = np.array([v for _, v in actual['train/loss']])
+  np.testing.assert_allclose(loss_multi, loss_single, rtol=1e-4)
+  np.testing.assert_allclose([v for _, v in actual['train/top1']],
+                             [v for _, v in expected['train/top1']], atol=1e-6)
+  # The curve is not flat (the optimiser is really stepping), so agreement means something.
+  assert np.ptp(loss_single) > 1e-2, loss_single
+  # The final weights agree too: evaluation of the raw and EMA weights on the same examples.
+  for tag in ('eval/loss', 'eval_ema/loss'):
+    np.testing.assert_allclose(actual[tag][-1][1], expected[tag][-1][1], rtol=1e-4)
+    assert actual[tag][-1][0] == expected[tag][-1][0] == NUM_STEPS
+  # Only process 0 writes metrics, and the checkpoint was written once, by both processes.
+  assert len(glob.glob(os.path.join(str(multi), 'events.out.tfevents.*'))) == 1
+  assert sorted(os.listdir(multi / 'checkpoints')) == [str(NUM_STEPS)]
