@@ -123,7 +123,7 @@ def main(argv=None):
   parser.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'cpu'))
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--chunk_size', default='auto',
-                      help="inference: examples per sequential chunk ('auto': 2 on CPU; 0: none)")
+                      help="inference: examples per sequential chunk ('auto': 8 on CPU; 0: none)")
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--skip_keras', action='store_true', help='only measure ours')

@@ -41,4 +41,4 @@ def test_chunking_works_for_feature_dicts():
 
 def test_auto_chunk_size_is_cpu_only():
   assert jax.default_backend() == 'cpu'
-  assert default_chunk_size() == 2
+  assert default_chunk_size() == 8

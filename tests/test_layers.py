@@ -142,27 +142,6 @@ def test_conv_matmul_equals_xla():
                             err_msg=f'k{kernel.shape[0]} s{stride} {x.shape} {what}')
 
 
-@pytest.mark.parametrize('kernel_size, stride', [(1, 1), (1, 2), (3, 2)])
-def test_conv2d_input_scale_equals_scaled_input(kernel_size, stride):
-  # On CPU a 1x1 stride-1 conv folds the SE gate into a per-example kernel; any other conv
-  # multiplies the input. Both must equal convolving x * scale, on both implementations.
-  rng = np.random.default_rng(kernel_size + stride)
-  x, scale = normal(rng, 3, 6, 5, 8), jax.nn.sigmoid(normal(rng, 3, 1, 1, 8))
-  variables = {'params': {'kernel': normal(rng, kernel_size, kernel_size, 8, 4),
-                          'bias': jnp.arange(4.0)}}
-  convs = {impl: layers.Conv2D(4, kernel_size, stride, use_bias=True, conv_impl=impl)
-           for impl in ('cpu', 'xla')}
-  want = convs['xla'].apply(variables, x * scale)
-  assert want.shape == (3, -(-6 // stride), -(-5 // stride), 4)
-  for impl, conv in convs.items():
-    assert_close_to_scale(conv.apply(variables, x, input_scale=scale), want, 1e-5, err_msg=impl)
-  # The gate really matters (per example, per channel): without it the output differs.
-  assert np.abs(np.asarray(convs['cpu'].apply(variables, x) - want)).max() > 1e-2
-
-
-# --- implementation choice ------------------------------------------------------------------------
-
-
 def test_resolve_conv_impl():
   # conftest pins the tests to CPU, where 'auto' must pick the shifted-slice / matmul path.
   assert layers.resolve_conv_impl('auto') == ('cpu' if jax.default_backend() == 'cpu' else 'xla')

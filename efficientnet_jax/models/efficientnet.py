@@ -52,19 +52,13 @@ class MBConvBlock(nn.Module):
     x = layers.DepthwiseConv2D(self.kernel_size, self.stride, self.conv_impl, self.dtype,
                                name='dwconv')(x)
     x = act(bn('bn')(x, train))
-    gate = None
     if 0 < self.se_ratio <= 1:
       # Squeezed from the block's *input* channels, not the expanded ones (official code).
       squeezed = max(1, int(self.in_filters * self.se_ratio))
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
       s = act(conv(squeezed, 'se_reduce', use_bias=True)(s))
-      gate = nn.sigmoid(conv(expanded, 'se_expand', use_bias=True)(s))
-    if gate is not None and train:
-      x, gate = x * gate, None
-    # In inference the SE gate is handed to the projection, which on CPU folds it into a
-    # per-example kernel (one pass less over the expanded activations). Not in training: the
-    # backward of that per-example kernel costs far more than the pass it saves.
-    x = bn('project_bn')(conv(self.out_filters, 'project_conv')(x, input_scale=gate), train)
+      x = x * nn.sigmoid(conv(expanded, 'se_expand', use_bias=True)(s))
+    x = bn('project_bn')(conv(self.out_filters, 'project_conv')(x), train)
     if self.stride == 1 and self.in_filters == self.out_filters:
       if train and self.drop_rate > 0:
         # Stochastic depth, per example, rescaled by 1/survival so inference needs no change.

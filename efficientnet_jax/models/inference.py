@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 # Examples per chunk on CPU: measured best for B0 at 224 px (experiments/benchmark.py).
-CPU_CHUNK_SIZE = 2
+CPU_CHUNK_SIZE = 8
 
 
 def default_chunk_size() -> int | None:
@@ -29,7 +29,7 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto'
 
   Args:
     model: any Flax module taking (images, train=False).
-    chunk_size: examples per sequential chunk; 'auto' picks by backend (2 on CPU, the whole batch
+    chunk_size: examples per sequential chunk; 'auto' picks by backend (8 on CPU, the whole batch
       elsewhere); None or 0 runs the whole batch at once. A batch that is not a multiple of the
       chunk is padded and the padding dropped from the outputs.
   """

@@ -117,24 +117,15 @@ class Conv2D(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, input_scale=None):
-    """Convolves `x`; `input_scale` [batch, 1, 1, in] (squeeze-excite gates) multiplies the input.
-
-    On CPU a 1x1 conv folds `input_scale` into a per-example kernel instead, which saves a full
-    pass over the (large, expanded) input.
-    """
+  def __call__(self, x):
     kernel = self.param('kernel', conv_kernel_init(),
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
                         jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    cpu = resolve_conv_impl(self.conv_impl) == 'cpu'
-    if input_scale is not None and cpu and self.kernel_size == 1 and self.stride == 1:
-      per_example = input_scale.reshape(x.shape[0], -1, 1).astype(self.dtype) * kernel[0, 0]
-      y = jnp.einsum('nhwc,nco->nhwo', x, per_example)
+    if resolve_conv_impl(self.conv_impl) == 'cpu':
+      y = conv_matmul(x, kernel, self.stride)
     else:
-      if input_scale is not None:
-        x = x * input_scale.astype(self.dtype)
-      y = conv_matmul(x, kernel, self.stride) if cpu else conv_xla(x, kernel, self.stride)
+      y = conv_xla(x, kernel, self.stride)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
           self.dtype)
