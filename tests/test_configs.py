@@ -6,7 +6,6 @@ does (the same coefficients live in two places, so they are checked against each
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from efficientnet_jax import optim, sharding, train
 from efficientnet_jax.models import VARIANTS
+from support import load_config_module as load, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / 'configs'
@@ -27,28 +27,6 @@ VARIANT_FILES = sorted(pathlib.Path(p).stem for p in glob.glob(str(CONFIG_DIR / 
                        if pathlib.Path(p).stem not in NOT_VARIANTS and
                        not pathlib.Path(p).stem.startswith('_'))
 B7_TRAINABLE_PARAMS = 66_347_960
-
-
-def load(name):
-  """Imports configs/<name>.py by path, as config_flags does."""
-  spec = importlib.util.spec_from_file_location(f'_test_configs_{name}', CONFIG_DIR / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _subprocess_env(fast_compile=False):
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['CUDA_VISIBLE_DEVICES'] = ''
-  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  if fast_compile:  # Cheaper XLA:CPU code generation; compiling B7 dominates the run.
-    flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
-  env['XLA_FLAGS'] = ' '.join(flags)
-  env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
-  return env
 
 
 def test_one_config_file_per_variant():
@@ -99,7 +77,7 @@ def test_main_rejects_mistyped_override(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'efficientnet_jax.main', f'--config={CONFIG_DIR / "default.py"}:smoke',
        f'--workdir={workdir}', '--config.learnig_rate=1'],
-      cwd=str(ROOT), env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+      cwd=str(ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=120)
   output = result.stdout + result.stderr
   assert result.returncode != 0, output
   assert 'learnig_rate' in output and 'Did you mean "learning_rate"' in output, output
@@ -136,7 +114,7 @@ def test_b7_smoke_starts_on_mock_data(tmp_path):
       [sys.executable, str(ROOT / 'tests' / 'mock_main.py'), '--mock_num_examples=16',
        f'--config={CONFIG_DIR / "b7.py"}:smoke', f'--workdir={workdir}',
        '--config.num_train_steps=1', '--local_device_count=8'],
-      cwd=str(ROOT), env=_subprocess_env(fast_compile=True), capture_output=True, text=True,
+      cwd=str(ROOT), env=subprocess_env(fast_compile=True), capture_output=True, text=True,
       timeout=1500)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-6000:]

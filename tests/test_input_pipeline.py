@@ -1,8 +1,6 @@
 """The tf.data input pipeline: crops, sharded and masked evaluation, datasets and their errors."""
 import collections
-import importlib.util
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,18 +8,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from efficientnet_jax import input_pipeline as ip
+from support import load_config_module
 
 
-def _load_default_config_module():
-  # By path, so the tests run under plain `pytest` too (configs/ is not a package).
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
-  spec = importlib.util.spec_from_file_location('_configs_default', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-default = _load_default_config_module()
+default = load_config_module('default')
 
 
 def _digits_config(**overrides):

@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow as tf
+
+from support import event_files, read_scalars, subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / 'tests' / 'mock_main.py'
@@ -46,22 +47,6 @@ CONFIG_FLAGS = [
 ]
 
 
-def _env():
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['CUDA_VISIBLE_DEVICES'] = ''
-  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
-  # The conftest forces 8 host devices through XLA_FLAGS; here --local_device_count decides.
-  flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  # Cheaper XLA:CPU code generation: compiling dominates these tiny runs, and both layouts are
-  # compiled with the same flags, so the comparison is unaffected.
-  flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
-  env['XLA_FLAGS'] = ' '.join(flags)
-  env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
-  return env
-
-
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(('127.0.0.1', 0))
@@ -72,7 +57,8 @@ def _launch(workdir, log_path, extra):
   command = [sys.executable, str(WORKER), '--mock_num_examples=32', f'--workdir={workdir}',
              *CONFIG_FLAGS, *extra]
   log = open(log_path, 'w')
-  return subprocess.Popen(command, cwd=str(ROOT), env=_env(), stdout=log,
+  return subprocess.Popen(command, cwd=str(ROOT), env=subprocess_env(fast_compile=True),
+                          stdout=log,
                           stderr=subprocess.STDOUT), log
 
 
@@ -101,22 +87,6 @@ def _wait(processes, logs):
     pytest.fail('\n'.join(report))
 
 
-def _scalars(workdir):
-  scalars = {}
-  for path in sorted(glob.glob(os.path.join(str(workdir), 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.HasField('tensor'):
-          array = tf.make_ndarray(value.tensor)
-          if array.size != 1:
-            continue
-          number = float(array.reshape(()))
-        else:
-          number = float(value.simple_value)
-        scalars.setdefault(value.tag, []).append((int(event.step), number))
-  return scalars
-
-
 def test_two_processes_match_one_process(tmp_path):
   # All three processes run at once: the runs are independent, and overlapping them overlaps
   # their (mostly single-threaded) XLA compilations on the two cores.
@@ -137,7 +107,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert 'JAX process 0/1, 4 local / 4 global devices' in (tmp_path / 'single.log').read_text()
   assert 'JAX process 1/2, 2 local / 4 global devices' in (tmp_path / 'multi1.log').read_text()
 
-  expected, actual = _scalars(single), _scalars(multi)
+  expected, actual = (read_scalars(event_files(single)), read_scalars(event_files(multi)))
   steps = list(range(1, NUM_STEPS + 1))
   for tag in ('train/loss', 'train/top1'):
     assert [s for s, _ in expected[tag]] == steps, tag

@@ -1,5 +1,4 @@
 """Tests for efficientnet_jax.optim against hand-written TF1 formulas in numpy."""
-import importlib.util
 import math
 import pathlib
 
@@ -10,18 +9,12 @@ import optax
 import pytest
 
 from efficientnet_jax import optim
+from support import load_config_module
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _load_default_config_module():
-  spec = importlib.util.spec_from_file_location('default_config', _ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_DEFAULT = _load_default_config_module()
+_DEFAULT = load_config_module('default')
 
 
 def get_config(**overrides):

@@ -14,8 +14,6 @@ is invariant), so an honest optimiser must drive the training loss down by memor
 from __future__ import annotations
 
 import functools
-import glob
-import importlib.util
 import os
 import pathlib
 import re
@@ -26,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from efficientnet_jax import checkpointing, input_pipeline, optim, sharding, train
 from efficientnet_jax.models import B0_BLOCKS, create_model
+from support import event_files, load_config_module, read_scalars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 16
@@ -38,15 +36,7 @@ TRAIN_TAGS = ('train/loss', 'train/top1', 'train/learning_rate', 'train/images_p
 EVAL_TAGS = ('eval/loss', 'eval/top1', 'eval/top5', 'eval_ema/top1', 'eval_ema/top5')
 
 
-def _load_default():
-  spec = importlib.util.spec_from_file_location('_test_train_default_config',
-                                                ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-default = _load_default()
+default = load_config_module('default')
 
 
 def tiny_config(**overrides):
@@ -87,27 +77,6 @@ def small_model(config, num_classes=None):
       depth=config.depth, dropout=config.dropout, drop_connect_rate=config.drop_connect_rate,
       stem_stride=config.stem_stride, bn_momentum=config.bn_momentum,
       bn_epsilon=config.bn_epsilon, blocks=B0_BLOCKS[:2])
-
-
-def read_scalars(paths):
-  """{tag: [(step, value), ...]} from TensorBoard event files, in file order."""
-  scalars = {}
-  for path in paths:
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.HasField('tensor'):
-          array = tf.make_ndarray(value.tensor)
-          if array.size != 1:
-            continue
-          number = float(array.reshape(()))
-        else:
-          number = float(value.simple_value)
-        scalars.setdefault(value.tag, []).append((int(event.step), number))
-  return scalars
-
-
-def event_files(workdir):
-  return sorted(glob.glob(os.path.join(str(workdir), 'events.out.tfevents.*')))
 
 
 def checkpoint_steps(workdir):
