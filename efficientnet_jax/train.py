@@ -7,6 +7,7 @@ is one jitted function with the state donated, and the global batch is sharded o
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import time
@@ -170,7 +171,7 @@ def eval_step(params, batch_stats, batch, *, model, config) -> dict[str, jax.Arr
           'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
 
 
-def _data_shards(config, mesh) -> tuple[int, list[int]]:
+def _data_shards(config) -> tuple[int, list[int]]:
   """How many contiguous data shards there are, and which ones this process reads."""
   processes = jax.process_count()
   shards = config.data_shards or processes
@@ -183,9 +184,9 @@ def _data_shards(config, mesh) -> tuple[int, list[int]]:
   return shards, list(range(first, first + per_process))
 
 
-def create_input(config, mesh, *, train: bool, global_batch_size: int) -> tf.data.Dataset:
+def create_input(config, *, train: bool, global_batch_size: int) -> tf.data.Dataset:
   """This process's part of each global batch: its shards' batches, concatenated in order."""
-  shards, mine = _data_shards(config, mesh)
+  shards, mine = _data_shards(config)
   if global_batch_size % shards:
     raise ValueError(
         f'The global batch of {global_batch_size} must divide evenly among the {shards} data '
@@ -201,7 +202,6 @@ def create_input(config, mesh, *, train: bool, global_batch_size: int) -> tf.dat
 
 def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
   """Turns host batches into global device arrays `size` batches ahead of the consumer."""
-  import collections
   queue = collections.deque()
 
   def enqueue(n):
@@ -306,7 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                           first_profile=start_step + 10))
   report = hooks[0]
 
-  eval_ds = create_input(config, mesh, train=False, global_batch_size=config.eval_batch_size)
+  eval_ds = create_input(config, train=False, global_batch_size=config.eval_batch_size)
 
   def run_eval(step) -> dict[str, float]:
     results = {}
@@ -325,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   eval_metrics: dict[str, float] = {}
   train_iter = prefetch_to_mesh(
-      create_input(config, mesh, train=True, global_batch_size=config.batch_size)
+      create_input(config, train=True, global_batch_size=config.batch_size)
       .as_numpy_iterator(), mesh, config.prefetch_batches)
   pending, window = None, []
   last_log_time, last_log_step = time.time(), start_step
@@ -343,23 +343,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           'Lower --config.learning_rate, enable --config.grad_clip_norm, or check the data, '
           'then rerun with the same --workdir to resume from the last good checkpoint.')
 
+  def settle(pending):
+    """Halts on a non-finite step; otherwise queues its metrics for the next log line."""
+    check_finite(*pending)
+    window.append(pending[0])
+
   with metric_writers.ensure_flushes(writer):
     step = start_step
     while step < num_steps:
-      batch = next(train_iter)
-      state, metrics = p_train_step(state, batch)
+      state, metrics = p_train_step(state, next(train_iter))
       # Check the previous step while this one runs, so the host never stalls the device.
       if pending is not None:
-        check_finite(*pending)
-        window.append(pending[0])
+        settle(pending)
       pending = (metrics, step + 1)
       step += 1
       for hook in hooks:
         hook(step)
-      if step % config.log_every_steps == 0 or step == num_steps:
-        check_finite(*pending)
-        window.append(pending[0])
+      last = step == num_steps
+      log_now = last or step % config.log_every_steps == 0
+      eval_now = last or step % eval_every == 0
+      save_now = last or step % config.checkpoint_every_steps == 0
+      if log_now or eval_now or save_now:
+        # Nothing is logged, evaluated or saved past a step that has not been checked.
+        settle(pending)
         pending = None
+      if log_now:
         summary = jax.device_get(window)
         elapsed = time.time() - last_log_time
         writer.write_scalars(step, {
@@ -368,14 +376,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             'train/learning_rate': float(summary[-1]['learning_rate']),
             'train/images_per_second':
                 (step - last_log_step) * config.batch_size / max(elapsed, 1e-9)})
-        window, last_log_time, last_log_step = [], time.time(), step
-      if step % eval_every == 0 or step == num_steps:
-        if pending is not None:
-          check_finite(*pending)
+        window.clear()
+        last_log_time, last_log_step = time.time(), step
+      if eval_now:
         eval_metrics = run_eval(step)
-      if step % config.checkpoint_every_steps == 0 or step == num_steps:
-        if pending is not None:
-          check_finite(*pending)
+      if save_now:
         with report.timed('checkpoint'):
           checkpointer.save(step, state)
     if not eval_metrics:  # resumed at the end: evaluate what was restored
