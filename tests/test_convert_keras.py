@@ -211,3 +211,19 @@ def test_imagenet_style_h5_and_preprocessing(tmp_path, monkeypatch):
   np.testing.assert_allclose(normalised, keras_preprocessed(imagenet, images), rtol=1e-5, atol=1e-5)
   assert_logits_close(our_logits('efficientnet-b0', variables, normalised),
                       np.asarray(imagenet(images, training=False)))
+
+
+def test_cli_converts_a_keras_weights_file(tmp_path):
+  from efficientnet_jax import pretrained
+  from efficientnet_jax.convert import __main__ as cli
+
+  keras_model = build_keras('efficientnet-b0')
+  randomise(keras_model, seed=6)
+  path = str(tmp_path / 'b0.weights.h5')
+  keras_model.save_weights(path)
+  output = str(tmp_path / 'out')
+  assert cli.main(['--source=keras', '--model=efficientnet-b0', f'--weights={path}',
+                   f'--output={output}']) == 0
+  _, variables, metadata = pretrained.load(output)
+  assert metadata['model'] == 'efficientnet-b0' and metadata['source']['format'] == 'keras'
+  jax.tree.map(np.testing.assert_array_equal, variables, convert_keras_model(keras_model))

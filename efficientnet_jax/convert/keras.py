@@ -11,11 +11,12 @@ Our Flax submodules carry the Keras layer names (`stem_conv`, `block2a/expand_co
   transpose spells out the layout change, and a channel multiplier > 1 fails the shape check).
 * Conv2D and Dense: HWIO and (in, out) in both frameworks, copied as they are.
 
-The walk is driven by *our* expected variable tree (from `jax.eval_shape` of `model.init`), so
-every variable we need is filled exactly once; every weight of every Keras layer must in turn be
-consumed, except those of the input preprocessing layers (Rescaling/Normalization), which are no
-part of our model: our model takes already-normalised images, and `keras_normalization` tells
-what normalisation the Keras model applies. Anything missing, left over or mis-shaped raises
+The walk is the one every converter shares (`efficientnet_jax.convert.mapping`): it is driven by
+*our* expected variable tree (from `jax.eval_shape` of `model.init`), so every variable we need
+is filled exactly once; every weight of every Keras layer must in turn be consumed, except
+those of the input preprocessing layers (Rescaling/Normalization), which are no part of our
+model: our model takes already-normalised images, and `keras_normalization` tells what
+normalisation the Keras model applies. Anything missing, left over or mis-shaped raises
 `KerasConversionError` listing the offending tensors in network order.
 
 TensorFlow/Keras are imported lazily, inside the functions that need them, so that importing this
@@ -33,12 +34,15 @@ where `images_normalised = (rgb_0_255 - spec.mean_rgb) / spec.stddev_rgb` with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
+
+from efficientnet_jax.convert.mapping import (TF_AXES, TF_BN, TF_DEPTHWISE, TF_PARAM,
+                                            ConversionError, SourceLayout, block_order,
+                                            convert_tensors, top_order)
 
 # The Keras applications builders, by our variant name. Keras ships B0-B7 only.
 KERAS_BUILDERS = {f'efficientnet-b{i}': f'EfficientNetB{i}' for i in range(8)}
@@ -48,21 +52,11 @@ KERAS_BUILDERS = {f'efficientnet-b{i}': f'EfficientNetB{i}' for i in range(8)}
 # `keras_normalization` folds them into one per-channel affine map.
 _PREPROCESSING_CLASSES = ('Rescaling', 'Normalization')
 
-# Our variable (collection, name) <- Keras weight name, per kind of layer.
-_BN_MAP = {('params', 'scale'): 'gamma', ('params', 'bias'): 'beta',
-           ('batch_stats', 'mean'): 'moving_mean', ('batch_stats', 'var'): 'moving_variance'}
-_CONV_MAP = {('params', 'kernel'): 'kernel', ('params', 'bias'): 'bias'}
-_DEPTHWISE_MAP = {('params', 'kernel'): 'depthwise_kernel'}
-
-# Network order of the layers inside one MBConv block, for readable error listings.
-_BLOCK_LAYER_ORDER = ('expand_conv', 'expand_bn', 'dwconv', 'bn', 'se_reduce', 'se_expand',
-                      'project_conv', 'project_bn')
-_TOP_ORDER = {'stem_conv': 0, 'stem_bn': 1, 'top_conv': 3, 'top_bn': 4, 'predictions': 5}
 _BLOCK_RE = re.compile(r'^block(\d+)([a-z]|_\d+)_(\w+)$')
 _NAME_RE = re.compile(r'efficientnet[-_]?(b\d|l2|lite\d)$', re.IGNORECASE)
 
 
-class KerasConversionError(ValueError):
+class KerasConversionError(ConversionError):
   """The Keras model's weights do not fit the requested efficientnet_jax variant."""
 
 
@@ -146,54 +140,22 @@ def keras_layer_weights(keras_model) -> dict[str, KerasLayerWeights]:
   return result
 
 
-def _network_order(layer_name: str) -> tuple:
-  """Sort key that lists layers stem -> blocks (by stage, repeat, inner layer) -> head."""
+def _keras_position(layer_name: str, modules) -> tuple:
+  """Sort key of a Keras layer name in network order: stem -> blocks -> head."""
   match = _BLOCK_RE.match(layer_name)
   if match:
     stage, letter, inner = match.groups()
     repeat = ord(letter) - ord('a') if len(letter) == 1 else int(letter[1:])
-    inner_pos = (_BLOCK_LAYER_ORDER.index(inner) if inner in _BLOCK_LAYER_ORDER
-                 else len(_BLOCK_LAYER_ORDER))
-    return (2, int(stage), repeat, inner_pos, layer_name)
-  return (_TOP_ORDER.get(layer_name, 6), 0, 0, 0, layer_name)
+    return block_order(modules, stage=int(stage) - 1, repeat=repeat, our_layer=inner)
+  return top_order(layer_name)
 
 
-@functools.lru_cache(maxsize=16)
-def _expected_modules(model_name: str, num_classes: int):
-  """Our variable shapes grouped by module, keyed by the Keras layer name of that module.
-
-  Returns ({layer name: {(collection, variable): shape}}, {layer name: our module path}).
-  The Keras name of a module is its path joined by '_': ('block1a', 'dwconv') -> 'block1a_dwconv'.
-  Cached (tracing B7's init takes seconds); callers must treat the result as read-only.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  from efficientnet_jax.models import create_model
-
-  # 'xla' only keeps the abstract trace short; the variables do not depend on conv_impl, nor on
-  # the (tiny) input resolution, which only has to survive the network's stride of 32.
-  model = create_model(model_name, num_classes=num_classes, conv_impl='xla')
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
-  modules: dict[str, dict[tuple[str, str], tuple]] = {}
-  paths: dict[str, tuple[str, ...]] = {}
-  for collection, tree in shapes.items():
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-      keys = tuple(entry.key for entry in path)
-      layer = '_'.join(keys[:-1])
-      paths[layer] = keys[:-1]
-      modules.setdefault(layer, {})[(collection, keys[-1])] = tuple(leaf.shape)
-  # Network order, so that conversion errors list the earliest problem first.
-  order = sorted(modules, key=_network_order)
-  return {name: modules[name] for name in order}, paths
-
-
-def _format_problems(problems: list[tuple[str, str]], limit: int = 12) -> str:
-  problems = sorted(problems, key=lambda p: _network_order(p[0]))
-  lines = [f'  {text}' for _, text in problems[:limit]]
-  if len(problems) > limit:
-    lines.append(f'  ... and {len(problems) - limit} more')
-  return '\n'.join(lines)
+# Keras layer names are our module paths joined by '_': ('block1a', 'dwconv') -> 'block1a_dwconv'.
+KERAS_LAYOUT = SourceLayout(
+    framework='Keras', separator='/',
+    layer_name=lambda module: '_'.join(module.path),
+    weight_names={'conv': TF_PARAM, 'depthwise': TF_DEPTHWISE, 'bn': TF_BN, 'dense': TF_PARAM},
+    axes=TF_AXES, position=_keras_position)
 
 
 def convert_keras_weights(layers: Mapping[str, KerasLayerWeights], model_name: str,
@@ -206,63 +168,13 @@ def convert_keras_weights(layers: Mapping[str, KerasLayerWeights], model_name: s
   numpy arrays. Raises `KerasConversionError` naming every missing, mis-shaped or unused tensor;
   `source` and `hint` only word that error.
   """
-  expected, paths = _expected_modules(model_name, num_classes)
-  variables: dict[str, dict] = {}
-  used: set[tuple[str, str]] = set()
-  problems: list[tuple[str, str]] = []
-
-  for layer_name, wanted in expected.items():
-    source_layer = layers.get(layer_name)
-    if source_layer is None:
-      problems.append((layer_name, f'missing: no Keras layer {layer_name!r} '
-                                   f'(needed for {len(wanted)} variable(s))'))
-      continue
-    weights = source_layer.weights
-    if ('params', 'scale') in wanted:
-      mapping = _BN_MAP
-    elif 'depthwise_kernel' in weights:
-      mapping = _DEPTHWISE_MAP
-    else:
-      mapping = _CONV_MAP
-    for (collection, ours), shape in wanted.items():
-      keras_name = mapping.get((collection, ours))
-      tensor = f'{layer_name}/{keras_name or ours}'
-      if keras_name is None or keras_name not in weights:
-        problems.append((layer_name, f'missing: {tensor} (for our {collection} '
-                                     f'{layer_name}/{ours} {shape}); the Keras layer has '
-                                     f'{sorted(weights)}'))
-        continue
-      value = np.asarray(weights[keras_name], dtype=np.float32)
-      if keras_name == 'depthwise_kernel' and value.ndim == 4:
-        value = value.transpose(0, 1, 3, 2)  # (kh, kw, C, 1) -> (kh, kw, 1, C)
-      if value.shape != shape:
-        note = ' (after the depthwise transpose)' if keras_name == 'depthwise_kernel' else ''
-        problems.append((layer_name, f'shape mismatch: {tensor} is {tuple(value.shape)}{note}, '
-                                     f'expected {shape}'))
-        continue
-      used.add((layer_name, keras_name))
-      node = variables.setdefault(collection, {})
-      for key in paths[layer_name]:
-        node = node.setdefault(key, {})
-      node[ours] = value
-
-  for layer_name, source_layer in layers.items():
-    for keras_name, value in source_layer.weights.items():
-      if (layer_name, keras_name) in used:
-        continue
-      if layer_name in expected and any(p[0] == layer_name for p in problems):
-        continue  # already reported as mismatched/missing above
-      problems.append((layer_name, f'unused: Keras weight {layer_name}/{keras_name} '
-                                   f'{tuple(np.shape(value))} has no place in {model_name}'))
-
-  if problems:
-    raise KerasConversionError(
-        f'Cannot convert {source} into {model_name} with {num_classes} classes: '
-        f'{len(problems)} problem(s), first in network order:\n{_format_problems(problems)}\n'
-        f'{hint}Check that model_name matches the Keras variant (EfficientNetB0..B7 <-> '
-        "'efficientnet-b0'..'efficientnet-b7') and that the Keras model was built with "
-        'include_top=True.')
-  return variables
+  tensors = {f'{layer}/{weight}': value for layer, source_layer in layers.items()
+             for weight, value in source_layer.weights.items()}
+  return convert_tensors(
+      tensors, KERAS_LAYOUT, model_name, num_classes, source=source, error=KerasConversionError,
+      hint=(f'{hint}Keras variants map by name: EfficientNetB0..B7 <-> '
+            "'efficientnet-b0'..'efficientnet-b7'; the Keras model must be built with "
+            'include_top=True. '))
 
 
 def infer_model_name(keras_model) -> str:
