@@ -252,8 +252,8 @@ def model_complexity(name_or_model, resolution: int | None = None, **create_kwar
   """Trainable parameters and per-image multiply-adds of a named variant or a module.
 
   Args:
-    name_or_model: a variant name such as 'efficientnet-b0' (see `models.VARIANTS`), or a Flax
-      module taking NHWC RGB images.
+    name_or_model: a model name such as 'efficientnet-b0' or 'resnet-50' (see
+      `models.ALL_VARIANTS`), or a Flax module taking NHWC RGB images.
     resolution: the square input size in pixels. Defaults to the variant's native resolution;
       required for a module.
     **create_kwargs: for a name, passed to `models.create_model` (e.g. `num_classes=10`).

@@ -1,8 +1,9 @@
-"""Print a variant's trainable parameters and multiply-adds, or a table of every variant.
+"""Print a model's trainable parameters and multiply-adds, or a table of every EfficientNet.
 
     python -m efficientnet_jax.summary --model=efficientnet-b0
     python -m efficientnet_jax.summary --model=efficientnet-b3 --resolution=320 --json
-    python -m efficientnet_jax.summary --all [--json]
+    python -m efficientnet_jax.summary --model=resnet-50      # ResNet and MobileNet too
+    python -m efficientnet_jax.summary --all [--json]         # the EfficientNet variants
 
 Nothing runs on a device: the counts come from abstract shapes and the traced forward pass (see
 `efficientnet_jax.complexity`), so the whole `--all` table takes seconds. Multiply-adds follow the
@@ -18,7 +19,7 @@ import sys
 from typing import Sequence
 
 from efficientnet_jax.complexity import model_complexity
-from efficientnet_jax.models.variants import VARIANTS, get_variant
+from efficientnet_jax.models.variants import ALL_VARIANTS, VARIANTS, get_variant
 
 EXIT_USAGE = 2
 
@@ -101,12 +102,13 @@ def format_table(rows: Sequence[dict]) -> str:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m efficientnet_jax.summary',
-      description='Trainable parameters and multiply-adds of EfficientNet variants, computed '
+      description='Trainable parameters and multiply-adds of the model zoo, computed '
       'from shapes only (nothing runs on a device).')
   which = parser.add_mutually_exclusive_group(required=True)
-  which.add_argument('--model', help=f'a variant name: {", ".join(VARIANTS)}')
+  which.add_argument('--model', help=f'a model name: {", ".join(ALL_VARIANTS)}')
   which.add_argument('--all', action='store_true',
-                     help='a table of every variant beside the paper\'s figures')
+                     help='a table of every EfficientNet variant beside the paper\'s figures '
+                     '(experiments/size_table.py adds ResNet and GPipe)')
   parser.add_argument('--resolution', type=int, default=None,
                       help='input size in pixels (default: each variant\'s native resolution)')
   parser.add_argument('--num_classes', '--num-classes', type=int, default=1000,

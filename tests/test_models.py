@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientnet_jax.models import (B0_BLOCKS, VARIANTS, BlockArgs, MBConvBlock,
+from efficientnet_jax.models import (ALL_VARIANTS, B0_BLOCKS, VARIANTS, BlockArgs, MBConvBlock,
                                      compound_coefficients, create_model, decode_block_string,
                                      round_filters, round_repeats)
 from efficientnet_jax.models.variants import B0_BLOCK_STRINGS, LITE_BLOCKS
@@ -260,13 +260,14 @@ def test_bad_se_ratio_gets_the_block_string_error(bad):
 @pytest.mark.parametrize('name, suggestion', [
     ('efficientnet-b9', 'efficientnet-b8'),
     ('efficientnet_b0', 'efficientnet-b0'),
-    ('resnet50', None),
+    ('resnet50', 'resnet-50'),
+    ('vgg16', None),
 ])
 def test_unknown_model_name(name, suggestion):
   with pytest.raises(ValueError, match=f"Unknown model '{name}'") as info:
     create_model(name)
   message = str(info.value)
-  for valid in VARIANTS:
+  for valid in ALL_VARIANTS:  # every family's names
     assert valid in message
   if suggestion:
     assert f"Did you mean '{suggestion}'?" in message

@@ -113,28 +113,9 @@ class EfficientNet(nn.Module):
       stride *= args.stride
     return stride
 
-  def _check_input(self, images):
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(
-          f'EfficientNet expects a batch of RGB images shaped [batch, height, width, 3] (NHWC); '
-          f'got shape {tuple(images.shape)}. Add a batch axis with images[None] for a single '
-          'image, convert grayscale to RGB by repeating the channel, and drop any alpha channel.')
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-      raise ValueError(
-          f'EfficientNet expects float images already normalised with the variant\'s mean/std; '
-          f'got dtype {images.dtype}. Convert with (images - mean_rgb) / stddev_rgb from the '
-          'variant spec (efficientnet_jax.models.get_variant(name)).')
-    height, width = images.shape[1:3]
-    if min(height, width) < self.total_stride:
-      raise ValueError(
-          f'Image of {height}x{width} pixels is too small: this network downsamples by '
-          f'{self.total_stride}, so inputs need at least {self.total_stride} pixels per side '
-          f'(its native resolution is much larger). Resize the images up, or build the model '
-          'with stem_stride=1 for tiny images.')
-
   @nn.compact
   def __call__(self, images, train: bool = False):
-    self._check_input(images)
+    layers.check_images(images, self.total_stride, 'EfficientNet')
     act = layers.activation_fn(self.activation)
     bn = lambda name: layers.BatchNorm(self.bn_momentum, self.bn_epsilon, self.bn_group_size,
                                        self.dtype, name=name)

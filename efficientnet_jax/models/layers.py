@@ -209,3 +209,27 @@ def activation_fn(name: str):
   if name == 'relu':
     return nn.relu
   raise ValueError(f"Unknown activation {name!r}; valid values: 'swish', 'relu6', 'relu'.")
+
+
+def check_images(images: jax.Array, total_stride: int, model_name: str) -> None:
+  """Raises a ValueError that says how to fix a batch the network cannot take.
+
+  Shared by every model family: a batch of float RGB images in NHWC, at least
+  `total_stride` pixels per side.
+  """
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(
+        f'{model_name} expects a batch of RGB images shaped [batch, height, width, 3] (NHWC); '
+        f'got shape {tuple(images.shape)}. Add a batch axis with images[None] for a single '
+        'image, convert grayscale to RGB by repeating the channel, and drop any alpha channel.')
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(
+        f"{model_name} expects float images already normalised with the variant's mean/std; got "
+        f'dtype {images.dtype}. Convert with (images - mean_rgb) / stddev_rgb from the variant '
+        'spec (efficientnet_jax.models.get_variant(name)).')
+  height, width = images.shape[1:3]
+  if min(height, width) < total_stride:
+    raise ValueError(
+        f'Image of {height}x{width} pixels is too small: {model_name} downsamples by '
+        f'{total_stride}, so inputs need at least {total_stride} pixels per side. Resize the '
+        'images up, or build the model with stem_stride=1 for tiny images.')

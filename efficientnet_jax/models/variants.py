@@ -1,7 +1,9 @@
-"""The EfficientNet family as data: the B0 block table and one row of coefficients per variant.
+"""Every named model as data: the B0 block table and one row of coefficients per variant.
 
 Nothing here builds a network. `efficientnet.EfficientNet` reads these tables, and
 `scaling.round_filters` / `scaling.round_repeats` turn B0's table into any larger variant's.
+The other ConvNets of the paper (ResNet, MobileNetV1/V2) have one row each in `CONVNET_VARIANTS`;
+their stage tables live beside their modules (`resnet.py`, `mobilenet.py`).
 """
 from __future__ import annotations
 
@@ -69,6 +71,9 @@ IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 LITE_MEAN_RGB = (127.0, 127.0, 127.0)
 LITE_STDDEV_RGB = (128.0, 128.0, 128.0)
+# Inception-style [-1, 1] scaling, as the TF-slim and Keras MobileNets expect.
+INCEPTION_MEAN_RGB = (127.5, 127.5, 127.5)
+INCEPTION_STDDEV_RGB = (127.5, 127.5, 127.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,28 +89,32 @@ class VariantSpec:
   resolution: int
   dropout: float
   lite: bool = False
+  family: str = 'efficientnet'  # a key of models.FAMILIES: which module builds it
   crop_padding: int = 32
   interpolation: str = 'bicubic'
+  mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB
+  stddev_rgb: tuple[float, float, float] = IMAGENET_STDDEV_RGB
   # Published figures, for tests and the summary table (None where none is published).
   published_params: int | None = None
-  paper_madds: float | None = None  # multiply-adds, Table 2 of the paper
+  paper_madds: float | None = None  # multiply-adds, the paper's Table 2 (Table 3: MobileNets)
   paper_top1: float | None = None
 
   @property
   def blocks(self) -> tuple[BlockArgs, ...]:
+    """EfficientNet's block table (other families keep theirs beside their module)."""
+    self._check_efficientnet('blocks')
     return LITE_BLOCKS if self.lite else B0_BLOCKS
 
   @property
   def activation(self) -> str:
+    self._check_efficientnet('activation')
     return 'relu6' if self.lite else 'swish'
 
-  @property
-  def mean_rgb(self) -> tuple[float, float, float]:
-    return LITE_MEAN_RGB if self.lite else IMAGENET_MEAN_RGB
-
-  @property
-  def stddev_rgb(self) -> tuple[float, float, float]:
-    return LITE_STDDEV_RGB if self.lite else IMAGENET_STDDEV_RGB
+  def _check_efficientnet(self, what: str) -> None:
+    if self.family != 'efficientnet':
+      raise ValueError(
+          f'{self.name} is a {self.family} model: `{what}` describes EfficientNet only. Build it '
+          'with efficientnet_jax.models.create_model(name).')
 
   @property
   def crop_fraction(self) -> float:
@@ -118,7 +127,8 @@ def _b(n, w, d, r, p, params=None, madds=None, top1=None):
 
 
 def _lite(n, w, d, r, p, top1):
-  return VariantSpec(f'efficientnet-lite{n}', w, d, r, p, lite=True, paper_top1=top1)
+  return VariantSpec(f'efficientnet-lite{n}', w, d, r, p, lite=True, paper_top1=top1,
+                     mean_rgb=LITE_MEAN_RGB, stddev_rgb=LITE_STDDEV_RGB)
 
 
 VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
@@ -140,12 +150,38 @@ VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
 )}
 
 
+def _convnet(name, family, dropout, mean, std, params, madds=None, top1=None):
+  # Baseline width and depth; the references resize bilinearly and center-crop 87.5% (224/256).
+  return VariantSpec(name, 1.0, 1.0, 224, dropout, family=family, interpolation='bilinear',
+                     mean_rgb=mean, stddev_rgb=std, published_params=params, paper_madds=madds,
+                     paper_top1=top1)
+
+
+# The other ConvNets of the paper. Parameters: the standard (torchvision / Keras) trainable
+# counts. Multiply-adds and top-1: the EfficientNet paper (Table 2 for ResNet-50/152, Table 3's
+# baselines for the MobileNets); ResNet-101 appears in neither.
+CONVNET_VARIANTS: dict[str, VariantSpec] = {v.name: v for v in (
+    _convnet('resnet-50', 'resnet', 0.0, IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB,
+             25_557_032, 4.1e9, 76.0),
+    _convnet('resnet-101', 'resnet', 0.0, IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB, 44_549_160),
+    _convnet('resnet-152', 'resnet', 0.0, IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB,
+             60_192_808, 11e9, 77.8),
+    _convnet('mobilenet-v1', 'mobilenet-v1', 1e-3, INCEPTION_MEAN_RGB, INCEPTION_STDDEV_RGB,
+             4_231_976, 0.6e9, 70.6),
+    _convnet('mobilenet-v2', 'mobilenet-v2', 0.2, INCEPTION_MEAN_RGB, INCEPTION_STDDEV_RGB,
+             3_504_872, 0.3e9, 72.0),
+)}
+
+# Every name `get_variant` and `models.create_model` accept. `VARIANTS` stays EfficientNet's.
+ALL_VARIANTS: dict[str, VariantSpec] = {**VARIANTS, **CONVNET_VARIANTS}
+
+
 def get_variant(name: str) -> VariantSpec:
-  """Looks a variant up by name, with a helpful error for typos."""
+  """Looks any model (EfficientNet, ResNet, MobileNet) up by name, with a hint for typos."""
   try:
-    return VARIANTS[name]
+    return ALL_VARIANTS[name]
   except KeyError:
-    close = difflib.get_close_matches(str(name), list(VARIANTS), n=1)
+    close = difflib.get_close_matches(str(name), list(ALL_VARIANTS), n=1)
     hint = f' Did you mean {close[0]!r}?' if close else ''
     raise ValueError(
-        f'Unknown model {name!r}.{hint} Valid names: {", ".join(VARIANTS)}.') from None
+        f'Unknown model {name!r}.{hint} Valid names: {", ".join(ALL_VARIANTS)}.') from None
