@@ -84,6 +84,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # independent of the number of processes the same devices are split into.
   config.data_shards = 0
 
+  # --- Transfer learning (paper section 5.3) ---------------------------------------------------
+  # A pretrained directory (`python -m efficientnet_jax.convert ... --output=DIR`) to start from
+  # instead of a random initialisation; None trains from scratch. Used only by a fresh run: a
+  # run resuming from its workdir's own checkpoint ignores it. Its model, width and depth must be
+  # this config's; a classifier for a different num_classes is re-initialised.
+  # A typed placeholder (None until set), so --config.init_from=DIR parses as a string.
+  config.init_from = ml_collections.config_dict.placeholder(str)
+  # Train only the classifier head: the backbone's weights and BatchNorm statistics stay as
+  # loaded (the backbone runs in inference mode, which also turns the head's dropout off).
+  config.freeze_backbone = False
+  # The backbone's learning rate as a fraction of the head's (e.g. 0.1); 1.0 treats both alike.
+  config.backbone_learning_rate_multiplier = 1.0
+
   # --- Optimisation ------------------------------------------------------------------------
   # 'rmsprop' (TF-style, the paper's), 'sgd' (Nesterov momentum) or 'adamw'.
   config.optimizer = 'rmsprop'
@@ -176,6 +189,73 @@ def variant_config(model: str, *, width: float, depth: float, resolution: int, d
     setattr(config, key, value)  # the config is locked: a mistyped key raises
   if arg:
     _apply_arg(config, arg)
+  return config
+
+
+# Variants a transfer config's argument may name: 'b0' ... 'b7', 'lite0' ... 'lite4'.
+TRANSFER_VARIANTS = tuple(f'b{i}' for i in range(8)) + tuple(f'lite{i}' for i in range(5))
+
+
+def transfer_config(dataset: str, *, num_classes: int, train_split: str, eval_split: str,
+                    num_train_examples: int, arg: str | None = None,
+                    default_variant: str = 'b0', **overrides) -> ml_collections.ConfigDict:
+  """Fine-tuning an ImageNet-pretrained variant on another dataset (paper section 5.3).
+
+  Used by configs/finetune_*.py. `arg` is a comma-separated list of a variant ('b0' ... 'b7',
+  'lite0' ... 'lite4'; `default_variant` if none) and optionally 'smoke', e.g. 'lite0,smoke'.
+  The variant sets model, width, depth, resolution and dropout from the model zoo, so they
+  match the converted weights passed as --config.init_from.
+
+  The paper names the datasets and fine-tunes ImageNet-trained checkpoints, but does not list
+  its fine-tuning hyperparameters. These are a common fine-tuning recipe, our choice: SGD with
+  Nesterov momentum 0.9, batch 256, learning rate 0.01 with a linear warmup over the first 5% of
+  10,000 steps then cosine decay to 0, weight decay 1e-5 and label smoothing 0.1 as in the
+  ImageNet recipe, EMA 0.999, the Inception crop and flips without AutoAugment, and images
+  resized to the variant's resolution (CIFAR's 32 px images are upscaled).
+  """
+  from efficientnet_jax.models import get_variant  # pylint: disable=import-outside-toplevel
+
+  tokens = [t.strip() for t in (arg or '').split(',') if t.strip()]
+  unknown = [t for t in tokens if t not in TRANSFER_VARIANTS + ('smoke',)]
+  variants = [t for t in tokens if t in TRANSFER_VARIANTS]
+  if unknown or len(variants) > 1:
+    raise ValueError(
+        f'Unknown config argument {arg!r}. Valid arguments: one variant of '
+        f'{", ".join(TRANSFER_VARIANTS)} and/or \'smoke\', comma-separated (e.g. \'lite0,smoke\').')
+  spec = get_variant(f'efficientnet-{variants[0] if variants else default_variant}')
+
+  config = get_config()  # locked
+  config.model = spec.name
+  config.width = spec.width
+  config.depth = spec.depth
+  config.resolution = spec.resolution
+  config.dropout = spec.dropout
+  config.dataset = dataset
+  config.num_classes = num_classes
+  config.train_split = train_split
+  config.eval_split = eval_split
+
+  config.optimizer = 'sgd'
+  config.momentum = 0.9
+  config.batch_size = 256
+  config.eval_batch_size = 512
+  config.learning_rate = 0.01
+  config.lr_batch_size = 256
+  config.lr_schedule = 'cosine'
+  config.num_train_steps = 10_000
+  steps_per_epoch = num_train_examples / config.batch_size
+  config.warmup_epochs = 0.05 * config.num_train_steps / steps_per_epoch
+  config.weight_decay = 1e-5
+  config.label_smoothing = 0.1
+  config.ema_decay = 0.999
+  config.augment = 'none'
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.log_every_steps = 100
+  for key, value in overrides.items():
+    setattr(config, key, value)  # the config is locked: a mistyped key raises
+  if 'smoke' in tokens:
+    _apply_arg(config, 'smoke')
   return config
 
 

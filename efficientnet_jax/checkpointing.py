@@ -20,7 +20,11 @@ import tensorflow as tf
 # Config fields that change the state's structure or meaning: resuming across a change in any of
 # them is refused. Everything else (batch size, schedule length, logging) may change on restart.
 FINGERPRINT_FIELDS = ('model', 'width', 'depth', 'num_classes', 'stem_stride', 'optimizer',
-                      'momentum', 'dataset')
+                      'momentum', 'dataset', 'freeze_backbone')
+# Values of fields added after checkpoints were first written, as older checkpoints (and configs
+# without the field) implicitly had them. `config.init_from` is deliberately not a field: it only
+# decides how step 0 is initialised, and a resumed run never reads it.
+FINGERPRINT_DEFAULTS = {'freeze_backbone': False}
 
 
 class CheckpointMismatchError(ValueError):
@@ -29,7 +33,7 @@ class CheckpointMismatchError(ValueError):
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a checkpoint must agree with to be resumed by `config`."""
-  fields = {k: config.get(k) for k in FINGERPRINT_FIELDS}
+  fields = {k: config.get(k, FINGERPRINT_DEFAULTS.get(k)) for k in FINGERPRINT_FIELDS}
   fields['ema'] = bool(config.ema_decay > 0)
   return fields
 
@@ -95,8 +99,9 @@ class Checkpointer:
 
   def _check_fingerprint(self, saved: dict[str, Any] | None, step: int) -> None:
     saved = saved or {}
-    diffs = [f'{k}: checkpoint has {saved.get(k)!r}, config has {v!r}'
-             for k, v in self.fingerprint.items() if saved.get(k) != v]
+    saved = {k: saved.get(k, FINGERPRINT_DEFAULTS.get(k)) for k in self.fingerprint}
+    diffs = [f'{k}: checkpoint has {saved[k]!r}, config has {v!r}'
+             for k, v in self.fingerprint.items() if saved[k] != v]
     if diffs:
       raise CheckpointMismatchError(
           f'The workdir already holds a checkpoint (step {step} in {self.directory}) written by '

@@ -218,6 +218,8 @@ def create_optimizer(config: ml_collections.ConfigDict,
          decay `config.weight_decay` on the same mask. optax multiplies the decay by the
          learning rate (`w -= lr * (adam_step + wd * w)`), so typical values are ~0.05, not the
          RMSProp recipe's 1e-5.
+    4. Transfer learning (`_for_transfer_learning`): `config.freeze_backbone` updates only the
+       classifier head; `config.backbone_learning_rate_multiplier` scales the backbone's updates.
   Gradient accumulation (`config.grad_accum_steps`) is not an optimizer wrapper here: the train
   step averages the micro-batch gradients itself, so one `update` is one optimizer step.
 
@@ -265,7 +267,61 @@ def create_optimizer(config: ml_collections.ConfigDict,
     else:  # sgd
       parts.append(optax.sgd(schedule, momentum=momentum, nesterov=momentum is not None))
 
-  return optax.chain(*parts) if len(parts) > 1 else parts[0]
+  tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+  return _for_transfer_learning(tx, config)
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer learning: the classifier head and the backbone
+# --------------------------------------------------------------------------------------------
+
+# The classifier: the only parameters a pretrained backbone does not provide for a new task.
+HEAD_MODULE = 'predictions'
+
+
+def head_mask(params: Any) -> Any:
+  """A pytree of bools: True for the classifier head's parameters (`params['predictions']`)."""
+  return {name: jax.tree.map(lambda _, head=(name == HEAD_MODULE): head, subtree)
+          for name, subtree in params.items()}
+
+
+def backbone_mask(params: Any) -> Any:
+  """A pytree of bools: True for every parameter except the classifier head's."""
+  return jax.tree.map(lambda head: not head, head_mask(params))
+
+
+def stop_backbone_gradient(params: Any) -> Any:
+  """`params` with the backbone behind `lax.stop_gradient`, for a frozen-backbone step.
+
+  Its gradients are then symbolic zeros, so autodiff never runs the backward pass through the
+  backbone: a linear probe costs about one forward pass per step.
+  """
+  return {name: subtree if name == HEAD_MODULE else jax.lax.stop_gradient(subtree)
+          for name, subtree in params.items()}
+
+
+def _for_transfer_learning(tx: optax.GradientTransformation,
+                           config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Applies `config.freeze_backbone` and `config.backbone_learning_rate_multiplier`.
+
+  * freeze_backbone: only the head gets `tx`'s updates; the backbone's are zero and it keeps no
+    optimizer state (no RMSProp/Adam moments for millions of frozen weights).
+  * backbone_learning_rate_multiplier m != 1: the backbone's updates are scaled by m. Every
+    optimizer here produces updates linear in the learning rate (RMSProp's and SGD's momentum
+    accumulate lr-scaled steps; AdamW's decoupled decay is multiplied by the rate too), so this
+    is exactly a backbone learning rate of m times the schedule, warmup and decay included.
+  """
+  if config.get('freeze_backbone', False):
+    labels = lambda params: jax.tree.map(lambda head: 'head' if head else 'backbone',
+                                         head_mask(params))
+    # optax.multi_transform is called optax.partition in newer optax; both names work.
+    return optax.multi_transform({'head': tx, 'backbone': optax.set_to_zero()}, labels)
+  multiplier = config.get('backbone_learning_rate_multiplier', 1.0)
+  if multiplier < 0:
+    raise ValueError(f'config.backbone_learning_rate_multiplier must be >= 0, got {multiplier}.')
+  if multiplier != 1.0:
+    return optax.chain(tx, optax.masked(optax.scale(multiplier), backbone_mask))
+  return tx
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from efficientnet_jax import checkpointing, input_pipeline, optim, sharding
+from efficientnet_jax import checkpointing, input_pipeline, optim, sharding, transfer
 from efficientnet_jax.models import create_model, get_variant
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -105,12 +105,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, sch
   """
   rng = jax.random.fold_in(base_rng, state.step)
   num_classes = model.num_classes
+  # A frozen backbone runs in inference mode: its BatchNorm normalises with, and keeps, the
+  # loaded running statistics (batch statistics of a small new dataset would shift every frozen
+  # layer's input), and no gradient flows into it. The head's dropout is then off too.
+  frozen = config.get('freeze_backbone', False)
 
   def loss_and_grads(params, batch_stats, images, labels, key):
     def loss_fn(p):
+      if frozen:
+        p = optim.stop_backbone_gradient(p)
       logits, new_vars = model.apply(
           {'params': p, 'batch_stats': batch_stats}, normalize_images(images, config),
-          train=True, mutable=['batch_stats'], rngs={'dropout': key})
+          train=not frozen, mutable=['batch_stats'], rngs={'dropout': key})
       targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), config.label_smoothing)
       loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
       return loss, (new_vars['batch_stats'], logits)
@@ -282,6 +288,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       checkpointing.abstract_with_shardings(abstract_state, state_sharding))
   if state is None:
     state = jax.jit(init, out_shardings=state_sharding)(init_rng)
+    if config.get('init_from'):  # transfer learning; a resumed run has its own weights
+      state = transfer.init_from_pretrained(state, config, tx=tx)
+  elif config.get('init_from'):
+    logging.info('Resuming from the workdir\'s checkpoint; config.init_from is not read.')
   start_step = int(state.step)
   logging.info('Starting at step %d of %d.', start_step, num_steps)
 

@@ -23,9 +23,10 @@ from support import load_config_module as load, subprocess_env
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / 'configs'
 NOT_VARIANTS = ('default', 'quickstart')
+# finetune_*.py (transfer learning) are tested in test_finetune.py.
 VARIANT_FILES = sorted(pathlib.Path(p).stem for p in glob.glob(str(CONFIG_DIR / '*.py'))
                        if pathlib.Path(p).stem not in NOT_VARIANTS and
-                       not pathlib.Path(p).stem.startswith('_'))
+                       not pathlib.Path(p).stem.startswith(('_', 'finetune_')))
 B7_TRAINABLE_PARAMS = 66_347_960
 
 
