@@ -48,9 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # TFDS name, 'digits' for the offline quickstart, or 'folder:/path' for class-named folders.
   config.dataset = 'imagenet2012'
   # TFDS data_dir holding prepared datasets (may be gs://); None uses TFDS's default.
-  config.data_dir = None
+  config.data_dir = ml_collections.config_dict.placeholder(str)
   # Where the ILSVRC2012 tar files were placed for TFDS to prepare imagenet2012.
-  config.manual_dir = None
+  config.manual_dir = ml_collections.config_dict.placeholder(str)
   # Split to train on (TFDS split syntax).
   config.train_split = 'train'
   # Split to evaluate on; every example is evaluated (the last batch is padded and masked).

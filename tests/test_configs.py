@@ -128,3 +128,21 @@ def test_b7_smoke_starts_on_mock_data(tmp_path):
         if value.tag == 'train/loss':
           losses.append(float(tf.make_ndarray(value.tensor)))
   assert len(losses) == 1 and np.isfinite(losses[0])
+
+
+def test_path_fields_accept_command_line_overrides(tmp_path):
+  """--config.data_dir / manual_dir are typed placeholders: with a plain None default,
+  config_flags refuses the override ('Type NoneType ... not supported')."""
+  workdir, manual = tmp_path / 'workdir', tmp_path / 'no_tars_here'
+  result = subprocess.run(
+      [sys.executable, '-m', 'efficientnet_jax.main', f'--config={CONFIG_DIR / "b0.py"}:smoke',
+       f'--workdir={workdir}', f'--config.data_dir={tmp_path / "tfds"}',
+       f'--config.manual_dir={manual}'],
+      cwd=str(ROOT), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  output = result.stdout + result.stderr
+  assert result.returncode != 0, output
+  # Parsed and used: the dataset error names both directories.
+  assert 'not supported' not in output, output
+  assert "is not prepared in data_dir='" in output and str(manual) in output, output
+  config = load('default').get_config()
+  assert config.data_dir is None and config.manual_dir is None
