@@ -1,0 +1,1 @@
+"""Machinery shared by the paper's studies in `experiments/`: reports and a resumable runner."""
