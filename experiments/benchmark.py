@@ -6,6 +6,8 @@ Each implementation is measured in its own fresh subprocess (so neither inherits
 thread pools or allocator state), one after the other, on the same input shape. The script prints
 images/s for both and the ratio ours / Keras. `--mode=train` times a full training step
 (forward, backward, SGD update, BN statistics) instead of inference. `--json` writes the figures.
+Inference uses `make_inference_fn`'s defaults (on CPU: BatchNorm folded, per-resolution chunks);
+`--fold_bn=off --chunk_size=8` measures the previous unfolded, uniformly chunked path.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _time_calls(step, warmup: int, iters: int) -> list[float]:
 
 
 def measure_ours(model_name, batch_size, resolution, mode, conv_impl, dtype, chunk_size, warmup,
-                 iters):
+                 iters, fold_bn='auto'):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -45,7 +47,7 @@ def measure_ours(model_name, batch_size, resolution, mode, conv_impl, dtype, chu
   labels = jnp.asarray(rng.integers(0, 1000, batch_size))
   variables = jax.jit(model.init)(jax.random.key(0), images[:1])
   if mode == 'inference':
-    forward = make_inference_fn(model, chunk_size=chunk_size)
+    forward = make_inference_fn(model, chunk_size=chunk_size, fold_bn=fold_bn)
     step = lambda: forward(variables, images).block_until_ready()
   else:
     tx = optax.sgd(0.01, momentum=0.9)
@@ -101,7 +103,8 @@ def _run_worker(args) -> dict:
          f'--model={args.model}', f'--batch_size={args.batch_size}',
          f'--resolution={args.resolution}', f'--mode={args.mode}',
          f'--conv_impl={args.conv_impl}', f'--dtype={args.dtype}',
-         f'--chunk_size={args.chunk_size}', f'--warmup={args.warmup}',
+         f'--chunk_size={args.chunk_size}', f'--fold_bn={args.fold_bn}',
+         f'--warmup={args.warmup}',
          f'--iters={args.iters}']
   out = subprocess.run(cmd, check=True, capture_output=True, text=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -123,7 +126,10 @@ def main(argv=None):
   parser.add_argument('--conv_impl', default='auto', choices=('auto', 'xla', 'cpu'))
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--chunk_size', default='auto',
-                      help="inference: examples per sequential chunk ('auto': 8 on CPU; 0: none)")
+                      help="inference: examples per sequential chunk ('auto': on CPU 2 for "
+                      "feature maps >= 28 px and 8 after with fold_bn, else 8; 0: none)")
+  parser.add_argument('--fold_bn', default='auto', choices=('auto', 'on', 'off'),
+                      help='inference: fold BatchNorm into the convs (auto: EfficientNet on CPU)')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--skip_keras', action='store_true', help='only measure ours')
@@ -135,7 +141,8 @@ def main(argv=None):
     if args.worker == 'ours':
       chunk = args.chunk_size if args.chunk_size == 'auto' else int(args.chunk_size)
       times = measure_ours(args.model, args.batch_size, args.resolution, args.mode,
-                           args.conv_impl, args.dtype, chunk, args.warmup, args.iters)
+                           args.conv_impl, args.dtype, chunk, args.warmup, args.iters,
+                           {'auto': 'auto', 'on': True, 'off': False}[args.fold_bn])
     else:
       times = measure_keras(args.model, args.batch_size, args.resolution, args.mode,
                             args.warmup, args.iters)
@@ -144,7 +151,7 @@ def main(argv=None):
 
   results = {'model': args.model, 'batch_size': args.batch_size, 'resolution': args.resolution,
              'mode': args.mode, 'conv_impl': args.conv_impl, 'dtype': args.dtype,
-             'chunk_size': args.chunk_size,
+             'chunk_size': args.chunk_size, 'fold_bn': args.fold_bn,
              'cpu_count': os.cpu_count(), 'date': time.strftime('%Y-%m-%d')}
   args.worker_target = 'ours'
   results['ours'] = summarise(_run_worker(args), args.batch_size)

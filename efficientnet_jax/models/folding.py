@@ -1,0 +1,115 @@
+"""Inference-only EfficientNet with BatchNorm folded into the convolutions (CPU fast path).
+
+At inference BatchNorm is a fixed per-channel affine map, y = x * inv + (beta - mean * inv) with
+inv = gamma / sqrt(var + eps), so it folds into the preceding convolution: the kernel's output
+channels are scaled by `inv` (for a depthwise kernel, each of its k*k taps) and the shift becomes a
+bias. `fold_batch_norm` does that once, as a pure (differentiable) transformation of the
+variables, and `folded_steps` runs the network on the folded parameters as plain JAX functions,
+one step per stem / block / head.
+
+Measured on the 2-core CPU (B0, batch 32, 224 px), folding by itself is about neutral: XLA already
+fuses BN's multiply-add into the pass that applies the swish. What the step list buys is
+`make_inference_fn`'s per-stage chunking: the high-resolution early blocks run one or two images
+at a time (their activations are then cache-sized) and the low-resolution rest in chunks of 8,
+which a single Flax `apply` per chunk cannot do.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from efficientnet_jax.models import layers
+from efficientnet_jax.models.efficientnet import EfficientNet, block_name
+
+
+def _fold(kernel: jax.Array, bn_params: dict, bn_stats: dict, eps: float):
+  """(kernel * inv over the output channels, bias) for a conv followed by inference BN."""
+  inv = bn_params['scale'] * lax.rsqrt(bn_stats['var'] + eps)
+  return {'kernel': kernel * inv, 'bias': bn_params['bias'] - bn_stats['mean'] * inv}
+
+
+def fold_batch_norm(model: EfficientNet, variables: Any) -> dict:
+  """Returns the folded parameters of `model` (an EfficientNet) for `folded_forward`.
+
+  Every conv + BN pair becomes {'kernel', 'bias'}; the SE convs and the classifier are copied.
+  The result is a plain nested dict keyed like the Flax variables ('stem_conv', 'block2a'/
+  'expand_conv', ...), differentiable with respect to `variables`.
+  """
+  if not isinstance(model, EfficientNet):
+    raise TypeError(f'fold_batch_norm supports EfficientNet modules, not {type(model).__name__}.')
+  params, stats, eps = variables['params'], variables['batch_stats'], model.bn_epsilon
+  folded = {'stem_conv': _fold(params['stem_conv']['kernel'], params['stem_bn'],
+                               stats['stem_bn'], eps),
+            'top_conv': _fold(params['top_conv']['kernel'], params['top_bn'], stats['top_bn'],
+                              eps),
+            'predictions': dict(params['predictions'])}
+  for stage, (repeats, _) in enumerate(model.stage_plan()):
+    for i in range(repeats):
+      name = block_name(stage + 1, i)
+      p, s = params[name], stats[name]
+      block = {'dwconv': _fold(p['dwconv']['kernel'], p['bn'], s['bn'], eps),
+               'project_conv': _fold(p['project_conv']['kernel'], p['project_bn'],
+                                     s['project_bn'], eps)}
+      if 'expand_conv' in p:
+        block['expand_conv'] = _fold(p['expand_conv']['kernel'], p['expand_bn'],
+                                     s['expand_bn'], eps)
+      for se in ('se_reduce', 'se_expand'):
+        if se in p:
+          block[se] = dict(p[se])
+      folded[name] = block
+  return folded
+
+
+def _conv(x, p, stride=1):
+  return layers.conv_matmul(x, p['kernel'], stride) + p['bias']
+
+
+def _mbconv(x, p, stride: int, act):
+  """One MBConv block (see efficientnet.MBConvBlock) with BN folded into its convs."""
+  inputs = x
+  if 'expand_conv' in p:
+    x = act(_conv(x, p['expand_conv']))
+  x = layers.depthwise_conv_shifted(x, p['dwconv']['kernel'], stride) + p['dwconv']['bias']
+  x = act(x)
+  if 'se_reduce' in p:
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = act(_conv(s, p['se_reduce']))
+    x = x * jax.nn.sigmoid(_conv(s, p['se_expand']))
+  x = _conv(x, p['project_conv'])
+  if stride == 1 and inputs.shape[-1] == x.shape[-1]:
+    x = x + inputs
+  return x
+
+
+def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, jax.Array],
+                                                                      jax.Array]]]:
+  """The network as a list of (name, stride, fn(folded, x) -> x): stem, each block, head.
+
+  `stride` is the step's spatial downsampling, so callers can tell each step's resolution.
+  """
+  act = layers.activation_fn(model.activation)
+  steps = [('stem', model.stem_stride,
+            lambda f, x: act(_conv(x, f['stem_conv'], model.stem_stride)))]
+  for stage, (repeats, args) in enumerate(model.stage_plan()):
+    for i in range(repeats):
+      name = block_name(stage + 1, i)
+      stride = args.stride if i == 0 else 1
+      steps.append((name, stride,
+                    lambda f, x, name=name, s=stride: _mbconv(x, f[name], s, act)))
+
+  def head(f, x):
+    x = jnp.mean(act(_conv(x, f['top_conv'])), axis=(1, 2))
+    return x @ f['predictions']['kernel'] + f['predictions']['bias']
+  steps.append(('head', 1, head))
+  return steps
+
+
+def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
+  """Inference logits of `model` from `fold_batch_norm`'s parameters (train=False semantics)."""
+  x = images
+  for _, _, step in folded_steps(model):
+    x = step(folded, x)
+  return x
