@@ -63,12 +63,12 @@ def variant_preprocessing(model_name: str) -> dict[str, Any]:
   }
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
   """{'params/block1a/dwconv/kernel': leaf, ...} of a nested dict, in insertion order."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, prefix + (str(key),)))
+      flat.update(flatten(value, prefix + (str(key),)))
     else:
       flat['/'.join(prefix + (str(key),))] = value
   return flat
@@ -87,10 +87,10 @@ def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
   fields = {k: v for k, v in (('features_only', False), ('conv_impl', 'xla')) if hasattr(model, k)}
   model = model.clone(**fields)
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  return {name: tuple(leaf.shape) for name, leaf in _flatten(dict(shapes)).items()}
+  return {name: tuple(leaf.shape) for name, leaf in flatten(dict(shapes)).items()}
 
 
-def _shape_problems(found: Mapping[str, tuple[int, ...]],
+def shape_problems(found: Mapping[str, tuple[int, ...]],
                     expected: Mapping[str, tuple[int, ...]]) -> list[str]:
   """Missing, unexpected and mis-shaped tensors, in network order (stem -> blocks -> head)."""
   from efficientnet_jax.convert.mapping import path_order
@@ -111,7 +111,7 @@ def _shape_problems(found: Mapping[str, tuple[int, ...]],
   return problems
 
 
-def _listing(problems: Sequence[str]) -> str:
+def format_problems(problems: Sequence[str]) -> str:
   lines = [f'  {p}' for p in problems[:_LIST_LIMIT]]
   if len(problems) > _LIST_LIMIT:
     lines.append(f'  ... and {len(problems) - _LIST_LIMIT} more')
@@ -188,13 +188,13 @@ def save(directory: str, model_name: str, variables: Mapping[str, Any], *,
                     f'{type(label_set).__name__}.')
 
   model = create_model(model_name, num_classes=num_classes, **model_overrides)
-  found = {name: tuple(np.shape(v)) for name, v in _flatten(variables).items()}
-  problems = _shape_problems(found, _expected_shapes(model))
+  found = {name: tuple(np.shape(v)) for name, v in flatten(variables).items()}
+  problems = shape_problems(found, _expected_shapes(model))
   if problems:
     raise PretrainedError(
         f'The variables do not fit {model_name} with {num_classes} classes'
         f'{" and overrides " + repr(model_overrides) if model_overrides else ""}, so they were '
-        f'not saved; {len(problems)} problem(s):\n{_listing(problems)}\nCheck the model name '
+        f'not saved; {len(problems)} problem(s):\n{format_problems(problems)}\nCheck the model name '
         'and the converter that produced these variables.')
 
   preprocessing = variant_preprocessing(model_name)
@@ -339,14 +339,14 @@ def load(directory: str, **model_overrides) -> tuple[Any, dict[str, Any], dict[s
           f'Cannot read the orbax checkpoint in {variables_path} ({type(err).__name__}: {err}). '
           'It is damaged or was not written by pretrained.save; convert the weights '
           'again.') from err
-    found = {name: tuple(leaf.shape) for name, leaf in _flatten(dict(tree)).items()}
-    problems = _shape_problems(found, _expected_shapes(model))
+    found = {name: tuple(leaf.shape) for name, leaf in flatten(dict(tree)).items()}
+    problems = shape_problems(found, _expected_shapes(model))
     if problems:
       extra = f' and overrides {overrides}' if overrides else ''
       raise PretrainedError(
           f'The variables in {variables_path} do not fit {metadata["model"]} with '
           f'{metadata["num_classes"]} classes{extra}; {len(problems)} problem(s), first '
-          f'mismatched tensors:\n{_listing(problems)}\nLoad it without options that change the '
+          f'mismatched tensors:\n{format_problems(problems)}\nLoad it without options that change the '
           'architecture (width, depth, blocks, stem_stride, ...), or convert the weights again.')
     # No target tree: numpy leaves were saved, so numpy leaves come back, on no device.
     restored = checkpointer.restore(variables_path)

@@ -21,23 +21,8 @@ from absl import logging
 from efficientnet_jax import optim, pretrained
 from efficientnet_jax.models import get_variant
 
-# How many mismatched tensors an error lists before summarising the rest.
-_LIST_LIMIT = 12
-
-
 class InitFromError(ValueError):
   """`config.init_from` cannot initialise this config's model."""
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}/{key}' if prefix else str(key)
-    if isinstance(value, Mapping):
-      flat.update(_flatten(value, name))
-    else:
-      flat[name] = value
-  return flat
 
 
 def _coefficients(model_name: str, overrides: Mapping[str, Any]) -> tuple[float, float]:
@@ -63,30 +48,6 @@ def architecture_mismatches(config: ml_collections.ConfigDict,
   if not np.isclose(depth, config.depth):
     problems.append(f'depth: pretrained {depth:g}, config.depth {config.depth:g}')
   return problems
-
-
-def _shape_mismatches(loaded: Mapping[str, Any], target: Mapping[str, Any],
-                      skip_prefix: str) -> list[str]:
-  problems = []
-  for name, leaf in target.items():
-    if name.startswith(skip_prefix):
-      continue
-    if name not in loaded:
-      problems.append(f'missing from the pretrained weights: {name} {tuple(leaf.shape)}')
-    elif tuple(np.shape(loaded[name])) != tuple(leaf.shape):
-      problems.append(f'shape mismatch: {name} is {tuple(np.shape(loaded[name]))} pretrained, '
-                      f'{tuple(leaf.shape)} in this model')
-  problems += [f'not in this model: {name} {tuple(np.shape(value))}'
-               for name, value in loaded.items()
-               if name not in target and not name.startswith(skip_prefix)]
-  return problems
-
-
-def _listing(problems: list[str]) -> str:
-  lines = [f'  {p}' for p in problems[:_LIST_LIMIT]]
-  if len(problems) > _LIST_LIMIT:
-    lines.append(f'  ... and {len(problems) - _LIST_LIMIT} more')
-  return '\n'.join(lines)
 
 
 def _put(value: np.ndarray, like: jax.Array) -> jax.Array:
@@ -120,18 +81,22 @@ def init_from_pretrained(state, config: ml_collections.ConfigDict, *, tx):
   problems = architecture_mismatches(config, metadata)
   new_head = int(metadata['num_classes']) != int(config.num_classes)
   head = f'params/{optim.HEAD_MODULE}/'
-  loaded = _flatten({'params': variables['params'],
-                     'batch_stats': variables.get('batch_stats', {})})
-  target = _flatten({'params': state.params, 'batch_stats': state.batch_stats})
+  loaded = pretrained.flatten({'params': variables['params'],
+                               'batch_stats': variables.get('batch_stats', {})})
+  target = pretrained.flatten({'params': state.params, 'batch_stats': state.batch_stats})
   if not any(name.startswith(head) for name in target):
     problems.append(f'this model has no classifier named {optim.HEAD_MODULE!r} to re-initialise')
   if not problems:
-    problems = _shape_mismatches(loaded, target, head if new_head else '\0')
+    # A new classifier is re-initialised, so its shapes may differ.
+    keep = lambda name: not (new_head and name.startswith(head))
+    problems = pretrained.shape_problems(
+        {name: tuple(np.shape(v)) for name, v in loaded.items() if keep(name)},
+        {name: tuple(leaf.shape) for name, leaf in target.items() if keep(name)})
   if problems:
     raise InitFromError(
         f'config.init_from={directory!r} holds {metadata["model"]} ({metadata["num_classes"]} '
         f'classes), which does not match the model this config builds; {len(problems)} '
-        f'difference(s):\n{_listing(problems)}\nFine-tuning changes only the classifier: set '
+        f'difference(s):\n{pretrained.format_problems(problems)}\nFine-tuning changes only the classifier: set '
         '--config.model, --config.width and --config.depth to the pretrained model\'s (the '
         'finetune configs take the variant as their argument, e.g. '
         'configs/finetune_cifar10.py:lite0).')
