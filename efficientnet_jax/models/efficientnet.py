@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from efficientnet_jax.models import layers
@@ -60,12 +59,7 @@ class MBConvBlock(nn.Module):
       x = x * nn.sigmoid(conv(expanded, 'se_expand', use_bias=True)(s))
     x = bn('project_bn')(conv(self.out_filters, 'project_conv')(x), train)
     if self.stride == 1 and self.in_filters == self.out_filters:
-      if train and self.drop_rate > 0:
-        # Stochastic depth, per example, rescaled by 1/survival so inference needs no change.
-        survival = 1.0 - self.drop_rate
-        keep = jax.random.bernoulli(self.make_rng('dropout'), survival, (x.shape[0], 1, 1, 1))
-        x = jnp.where(keep, x / survival, jnp.zeros_like(x))
-      x = x + inputs
+      x = layers.stochastic_depth(self, x, self.drop_rate, train) + inputs
     return x
 
 
@@ -108,10 +102,7 @@ class EfficientNet(nn.Module):
 
   @property
   def total_stride(self) -> int:
-    stride = self.stem_stride
-    for args in self.blocks:
-      stride *= args.stride
-    return stride
+    return layers.block_table_stride(self.stem_stride, self.blocks)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -156,8 +147,4 @@ class EfficientNet(nn.Module):
     x = layers.Conv2D(head_filters, 1, conv_impl=self.conv_impl, dtype=self.dtype,
                       name='top_conv')(x)
     x = act(bn('top_bn')(x, train))
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    # The classifier and the logits stay float32 even under bfloat16 compute.
-    return nn.Dense(self.num_classes, kernel_init=layers.dense_kernel_init,
-                    name='predictions')(x.astype(jnp.float32))
+    return layers.classifier_head(x, self.num_classes, self.dropout_rate, train)

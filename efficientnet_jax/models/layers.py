@@ -233,3 +233,35 @@ def check_images(images: jax.Array, total_stride: int, model_name: str) -> None:
         f'Image of {height}x{width} pixels is too small: {model_name} downsamples by '
         f'{total_stride}, so inputs need at least {total_stride} pixels per side. Resize the '
         'images up, or build the model with stem_stride=1 for tiny images.')
+
+
+def block_table_stride(stem_stride: int, blocks) -> int:
+  """How much a stem plus a table of stages (each with a `stride`) downsamples its input."""
+  stride = stem_stride
+  for args in blocks:
+    stride *= args.stride
+  return stride
+
+
+def classifier_head(features: jax.Array, num_classes: int, dropout_rate: float,
+                    train: bool) -> jax.Array:
+  """Global average pool -> dropout -> dense 'predictions', shared by every model family.
+
+  Call it inside a module's compact `__call__`: its layers become that module's submodules. The
+  classifier and the logits stay float32 even under bfloat16 compute.
+  """
+  x = jnp.mean(features, axis=(1, 2))
+  x = nn.Dropout(dropout_rate, deterministic=not train)(x)
+  return nn.Dense(num_classes, kernel_init=dense_kernel_init,
+                  name='predictions')(x.astype(jnp.float32))
+
+
+def stochastic_depth(module: nn.Module, branch: jax.Array, drop_rate: float,
+                     train: bool) -> jax.Array:
+  """Drops a residual branch per example with probability `drop_rate` in training, rescaling the
+  kept ones by 1/survival so inference needs no change. Draws from `module`'s 'dropout' rng."""
+  if not train or drop_rate <= 0:
+    return branch
+  survival = 1.0 - drop_rate
+  keep = jax.random.bernoulli(module.make_rng('dropout'), survival, (branch.shape[0], 1, 1, 1))
+  return jnp.where(keep, branch / survival, jnp.zeros_like(branch))

@@ -99,10 +99,7 @@ class MobileNetV1(nn.Module):
 
   @property
   def total_stride(self) -> int:
-    stride = self.stem_stride
-    for b in self.blocks:
-      stride *= b.stride
-    return stride
+    return layers.block_table_stride(self.stem_stride, self.blocks)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -125,11 +122,7 @@ class MobileNetV1(nn.Module):
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
             bn_group_size=self.bn_group_size, conv_impl=self.conv_impl, dtype=self.dtype,
             name=block_name(stage + 1, i))(x, train)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    # The classifier and the logits stay float32 even under bfloat16 compute.
-    return nn.Dense(self.num_classes, kernel_init=layers.dense_kernel_init,
-                    name='predictions')(x.astype(jnp.float32))
+    return layers.classifier_head(x, self.num_classes, self.dropout_rate, train)
 
 
 class MobileNetV2(nn.Module):
@@ -154,10 +147,7 @@ class MobileNetV2(nn.Module):
 
   @property
   def total_stride(self) -> int:
-    stride = self.stem_stride
-    for b in self.blocks:
-      stride *= b.stride
-    return stride
+    return layers.block_table_stride(self.stem_stride, self.blocks)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -184,8 +174,4 @@ class MobileNetV2(nn.Module):
     head = round_filters(MOBILENET_V2_HEAD_FILTERS, max(1.0, self.width_coefficient))
     x = layers.Conv2D(head, 1, conv_impl=self.conv_impl, dtype=self.dtype, name='top_conv')(x)
     x = nn.relu6(bn('top_bn')(x, train))
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    # The classifier and the logits stay float32 even under bfloat16 compute.
-    return nn.Dense(self.num_classes, kernel_init=layers.dense_kernel_init,
-                    name='predictions')(x.astype(jnp.float32))
+    return layers.classifier_head(x, self.num_classes, self.dropout_rate, train)

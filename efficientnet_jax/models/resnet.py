@@ -16,7 +16,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from efficientnet_jax.models import layers
@@ -74,11 +73,7 @@ class BottleneckBlock(nn.Module):
       shortcut = bn('0_bn')(conv(out_filters, 1, '0_conv', self.stride)(inputs), train)
     else:
       shortcut = inputs
-    if train and self.drop_rate > 0:
-      # Stochastic depth on the residual branch, per example, as EfficientNet's MBConvBlock.
-      survival = 1.0 - self.drop_rate
-      keep = jax.random.bernoulli(self.make_rng('dropout'), survival, (x.shape[0], 1, 1, 1))
-      x = jnp.where(keep, x / survival, jnp.zeros_like(x))
+    x = layers.stochastic_depth(self, x, self.drop_rate, train)
     return nn.relu(x + shortcut)
 
 
@@ -139,8 +134,4 @@ class ResNet(nn.Module):
             name=f'conv{s + 2}_block{i + 1}')(x, train)
         block_index += 1
 
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    # The classifier and the logits stay float32 even under bfloat16 compute.
-    return nn.Dense(self.num_classes, kernel_init=layers.dense_kernel_init,
-                    name='predictions')(x.astype(jnp.float32))
+    return layers.classifier_head(x, self.num_classes, self.dropout_rate, train)
