@@ -8,8 +8,10 @@ is one jitted function with the state donated, and the global batch is sharded o
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import math
+import threading
 import time
 from typing import Any, Iterator
 
@@ -65,6 +67,31 @@ def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> ja
   mean = jnp.asarray(spec.mean_rgb, jnp.float32)
   std = jnp.asarray(spec.stddev_rgb, jnp.float32)
   return ((images.astype(jnp.float32) - mean) / std).astype(COMPUTE_DTYPES[config.dtype])
+
+
+# XLA:CPU code generation for programs that run once, such as creating the train state: at full
+# optimisation compiling the initialisers and the init forward pass of a small network takes
+# longer than anything it then does (8 s against 3 s for a tiny B0; the run itself is ~0 s).
+_RUN_ONCE_CPU_OPTIONS = {'xla_backend_optimization_level': 0,
+                         'xla_llvm_disable_expensive_passes': True}
+
+
+def compile_run_once(jitted, *args):
+  """Compiles `jitted` for `args`, with cheap code generation on CPU, for a single call."""
+  lowered = jitted.lower(*args)
+  options = _RUN_ONCE_CPU_OPTIONS if jax.default_backend() == 'cpu' else None
+  return lowered.compile(compiler_options=options)
+
+
+def dispose_in_background(holder: list) -> None:
+  """Drops the objects in `holder` (emptying it) on a daemon thread.
+
+  Deleting a tf.data iterator whose pipeline is autotuned waits for TensorFlow's autotuning
+  thread to finish its current optimisation period, which grows to a minute over a run (seen
+  with TF 2.21: 25-50 s at the end of 80-step CPU runs). The deletion releases the GIL, so it
+  can happen off the caller's path; the caller must hold no other reference.
+  """
+  threading.Thread(target=holder.clear, name='dispose_tf_data_iterator', daemon=True).start()
 
 
 def create_train_state(rng, *, model, tx, config) -> TrainState:
@@ -153,10 +180,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, sch
         ema_params=optim.update_ema(state.ema_params, new_params, state.step, config.ema_decay),
         ema_batch_stats=optim.update_ema(state.ema_batch_stats, new_stats, state.step,
                                          config.ema_decay))
-  # The updated state is checked too: an update can overflow (lr * g, coupled weight decay, the
-  # RMSProp mean square g^2) even when the loss and gradients are finite, and a NaN/Inf in the
-  # parameters, BN statistics or optimizer state would otherwise be checkpointed.
-  finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new_state)
+  # The updated state is checked, not the gradients: an update can overflow (lr * g, coupled
+  # weight decay, the RMSProp mean square g^2) even when the loss and gradients are finite, and a
+  # non-finite gradient always reaches the new state (every optimizer folds g into its moments or,
+  # without state, into the parameters; 0 * Inf is NaN, so a zero learning rate or a clipped
+  # norm does not hide it). One check per leaf of the state is then enough, and each check costs
+  # compile time (they were a fifth of a small network's train step).
+  finite = jnp.isfinite(loss) & _all_finite(new_state)
   # Keep the last good state on a non-finite step (the step counter too, so the error names it).
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = {'loss': loss, 'top1': top1, 'learning_rate': schedule(state.step), 'finite': finite}
@@ -283,18 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
 
-  checkpointer = checkpointing.Checkpointer(workdir, config)
-  state = checkpointer.restore_latest(
-      checkpointing.abstract_with_shardings(abstract_state, state_sharding))
-  if state is None:
-    state = jax.jit(init, out_shardings=state_sharding)(init_rng)
-    if config.get('init_from'):  # transfer learning; a resumed run has its own weights
-      state = transfer.init_from_pretrained(state, config, tx=tx)
-  elif config.get('init_from'):
-    logging.info('Resuming from the workdir\'s checkpoint; config.init_from is not read.')
-  start_step = int(state.step)
-  logging.info('Starting at step %d of %d.', start_step, num_steps)
-
+  abstract_sharded_state = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         base_rng=dropout_rng),
@@ -304,6 +323,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       functools.partial(eval_step, model=model, config=config),
       in_shardings=(state_sharding.params, state_sharding.batch_stats, data_sharding),
       out_shardings=replicated)
+  # The train step compiles on a background thread from the state's and the batch's shapes while
+  # the state is restored or initialised and the input pipelines start: on a CPU compiling is
+  # most of a short run, on a pod restoring a large state from a bucket takes a while.
+  train_ds = create_input(config, train=True, global_batch_size=config.batch_size)
+  abstract_batch = {
+      k: jax.ShapeDtypeStruct((config.batch_size, *spec.shape[1:]), spec.dtype.as_numpy_dtype,
+                              sharding=data_sharding)
+      for k, spec in train_ds.element_spec.items()}
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
+  compiled_train_step = pool.submit(
+      lambda: p_train_step.lower(abstract_sharded_state, abstract_batch).compile())
+  pool.shutdown(wait=False)  # the compilation still finishes; nothing else is queued
+
+  checkpointer = checkpointing.Checkpointer(workdir, config)
+  state = checkpointer.restore_latest(abstract_sharded_state)
+  if state is None:
+    state = compile_run_once(jax.jit(init, out_shardings=state_sharding), init_rng)(init_rng)
+    if config.get('init_from'):  # transfer learning; a resumed run has its own weights
+      state = transfer.init_from_pretrained(state, config, tx=tx)
+  elif config.get('init_from'):
+    logging.info('Resuming from the workdir\'s checkpoint; config.init_from is not read.')
+  start_step = int(state.step)
+  logging.info('Starting at step %d of %d.', start_step, num_steps)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
@@ -334,9 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return results
 
   eval_metrics: dict[str, float] = {}
-  train_iter = prefetch_to_mesh(
-      create_input(config, train=True, global_batch_size=config.batch_size)
-      .as_numpy_iterator(), mesh, config.prefetch_batches)
+  train_iter = prefetch_to_mesh(train_ds.as_numpy_iterator(), mesh, config.prefetch_batches)
+  train_step_fn = compiled_train_step.result() if start_step < num_steps else None
   pending, window = None, []
   last_log_time, last_log_step = time.time(), start_step
 
@@ -361,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   with metric_writers.ensure_flushes(writer):
     step = start_step
     while step < num_steps:
-      state, metrics = p_train_step(state, next(train_iter))
+      state, metrics = train_step_fn(state, next(train_iter))
       # Check the previous step while this one runs, so the host never stalls the device.
       if pending is not None:
         settle(pending)
@@ -395,5 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           checkpointer.save(step, state)
     if not eval_metrics:  # resumed at the end: evaluate what was restored
       eval_metrics = run_eval(step)
+  iterators = [train_iter]
+  del train_iter
+  dispose_in_background(iterators)
   checkpointer.close()
   return state, eval_metrics

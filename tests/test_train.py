@@ -22,6 +22,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
@@ -401,6 +402,29 @@ def test_grad_accum_equals_average_of_half_batches():
                                err_msg=jax.tree_util.keystr(path))
   for a, b in zip(jax.tree.leaves(accumulated.batch_stats), jax.tree.leaves(odd.batch_stats)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(optimizer='adamw'), dict(optimizer='rmsprop'), dict(optimizer='sgd', momentum=0.9),
+    dict(optimizer='sgd', momentum=0.0), dict(optimizer='sgd', momentum=0.0, learning_rate=0.0),
+    dict(optimizer='rmsprop', grad_clip_norm=1.0), dict(optimizer='adamw', weight_decay=0.0),
+])
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+def test_non_finite_gradient_always_reaches_the_state(overrides, bad):
+  """train_step checks the new state, not the gradients: that is enough only if a NaN or Inf in
+  any gradient leaf makes the updated parameters or optimizer state non-finite, for every
+  optimizer (with or without momentum, clipping, a zero learning rate)."""
+  config = tiny_config(**{'weight_decay': 1e-5, 'lr_schedule': 'constant', **overrides})
+  tx = optim.create_optimizer(config, 1.0)
+  params = {'a': jnp.ones((3, 2)), 'b': jnp.full((4,), 0.5)}
+  opt_state = tx.init(params)
+  grads = {'a': jnp.full((3, 2), 0.1), 'b': jnp.full((4,), 0.1).at[2].set(bad)}
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  all_finite = train._all_finite  # pylint: disable=protected-access
+  assert not bool(all_finite((new_params, new_opt_state)))
+  finite_updates, finite_state = tx.update(jax.tree.map(jnp.zeros_like, grads), opt_state, params)
+  assert bool(all_finite((optax.apply_updates(params, finite_updates), finite_state)))
 
 
 def test_overflowing_update_is_not_applied():

@@ -24,13 +24,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-__all__ = ['CONFIG_DIR', 'define_flags', 'load_config', 'parse', 'use_fast_cpu_compilation']
+__all__ = ['CONFIG_DIR', 'define_flags', 'load_config', 'parse']
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'experiments'
-# Cheaper XLA:CPU code generation. A quick study trains several tiny networks for a few dozen
-# steps each, so compiling them costs more than running them; these flags roughly halve it.
-FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=0',
-                      '--xla_llvm_disable_expensive_passes=true')
 
 
 def define_flags(study: str) -> None:
@@ -65,14 +61,6 @@ def load_config(path: str | os.PathLike, arg: str | None = None,
   return config
 
 
-def use_fast_cpu_compilation() -> None:
-  """Adds FAST_COMPILE_FLAGS to XLA_FLAGS; effective only before JAX creates its CPU backend."""
-  current = os.environ.get('XLA_FLAGS', '').split()
-  names = {f.split('=')[0] for f in current}
-  os.environ['XLA_FLAGS'] = ' '.join(
-      current + [f for f in FAST_COMPILE_FLAGS if f.split('=')[0] not in names])
-
-
 def parse(argv) -> tuple[ml_collections.ConfigDict, str]:
   """The config (with :quick applied when --quick) and the workdir from the parsed flags."""
   if len(argv) > 1:
@@ -85,7 +73,5 @@ def parse(argv) -> tuple[ml_collections.ConfigDict, str]:
     if arg:
       raise app.UsageError(f'--quick cannot be combined with the config argument {arg!r}.')
     config = load_config(path, 'quick', config_flags.get_override_values(flags.FLAGS['config']))
-  if quick:
-    use_fast_cpu_compilation()
   logging.info('Study config%s:\n%s', ' (quick)' if quick else '', config)
   return config, flags.FLAGS.workdir
