@@ -25,7 +25,7 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from efficientnet_jax import checkpointing, input_pipeline, optim, sharding, transfer
+from efficientnet_jax import checkpointing, input_pipeline, optim, sharding, transfer, xla_cpu
 from efficientnet_jax.models import create_model, get_variant
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -69,18 +69,9 @@ def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> ja
   return ((images.astype(jnp.float32) - mean) / std).astype(COMPUTE_DTYPES[config.dtype])
 
 
-# XLA:CPU code generation for programs that run once, such as creating the train state: at full
-# optimisation compiling the initialisers and the init forward pass of a small network takes
-# longer than anything it then does (8 s against 3 s for a tiny B0; the run itself is ~0 s).
-_RUN_ONCE_CPU_OPTIONS = {'xla_backend_optimization_level': 0,
-                         'xla_llvm_disable_expensive_passes': True}
-
-
 def compile_run_once(jitted, *args):
   """Compiles `jitted` for `args`, with cheap code generation on CPU, for a single call."""
-  lowered = jitted.lower(*args)
-  options = _RUN_ONCE_CPU_OPTIONS if jax.default_backend() == 'cpu' else None
-  return lowered.compile(compiler_options=options)
+  return jitted.lower(*args).compile(compiler_options=xla_cpu.run_once_options())
 
 
 def dispose_in_background(holder: list) -> None:

@@ -70,10 +70,17 @@ def _conv(x, p, stride=1):
 def _mbconv(x, p, stride: int, act):
   """One MBConv block (see efficientnet.MBConvBlock) with BN folded into its convs."""
   inputs = x
+  kernel = p['dwconv']['kernel']
+  out_size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
   if 'expand_conv' in p:
-    x = act(_conv(x, p['expand_conv']))
-  x = layers.depthwise_conv_shifted(x, p['dwconv']['kernel'], stride) + p['dwconv']['bias']
-  x = act(x)
+    # The activation and the zero border in one pass, written once: left to itself XLA:CPU
+    # computes the sigmoid in one pass and the product and padding in another (it will not repeat
+    # the sigmoid in each of the k*k taps that read it). Measured 1.04x on B0 at batch 32.
+    xp = layers.pad_for_depthwise(act(_conv(x, p['expand_conv'])), kernel.shape[0], stride)
+    xp = lax.optimization_barrier(xp)
+  else:  # the input is already in memory: the padding fuses into the taps' loop
+    xp = layers.pad_for_depthwise(x, kernel.shape[0], stride)
+  x = act(layers.depthwise_taps(xp, kernel, stride, out_size) + p['dwconv']['bias'])
   if 'se_reduce' in p:
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = act(_conv(s, p['se_reduce']))

@@ -15,10 +15,12 @@ time, the rest in chunks of 8, where a larger chunk amortises the per-step overh
 interleaved against the unfolded model in uniform chunks of 8 on the 2-core CPU (B0, batch 32,
 224 px), this is 1.15x (median wall time and CPU time per call alike); the folding alone is
 neutral. One image per chunk up to 56 px, or 4 for the late stages, measured the same within
-noise; chunks of 16 for the late stages were slower.
+noise; chunks of 16 for the late stages were slower. On a CPU with AVX-512 the program is also
+compiled for 512-bit vectors (`xla_cpu.wide_vector_options`): 1.04-1.08x on a Zen 4 EPYC.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from efficientnet_jax import xla_cpu
 from efficientnet_jax.models import folding, layers
 from efficientnet_jax.models.efficientnet import EfficientNet
 
@@ -125,7 +128,7 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
       x = _map_chunks(run, x, math.gcd(min(chunk, x.shape[0]), x.shape[0]))
     return x[:batch]
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=xla_cpu.wide_vector_options())
   def fn(variables, images):
     if fold_bn is True or (auto_fold and images.shape[0] > CPU_CHUNK_SIZE):
       return folded_fn(variables, images)

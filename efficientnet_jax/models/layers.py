@@ -52,17 +52,19 @@ def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """Depthwise conv with TF SAME padding as a sum of k*k strided slices times per-channel weights.
+def pad_for_depthwise(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
+  """x zero-padded for a kernel_size x kernel_size depthwise conv with TF SAME padding."""
+  h, w = x.shape[1:3]
+  return jnp.pad(x, ((0, 0), same_padding(h, kernel_size, stride),
+                     same_padding(w, kernel_size, stride), (0, 0)))
 
-  XLA fuses the whole sum (and any following elementwise ops) into one loop over the output, which
-  on CPU beats its grouped-convolution kernel by a wide margin.
-  """
-  n, h, w, c = x.shape
+
+def depthwise_taps(xp: jax.Array, kernel: jax.Array, stride: int,
+                   out_size: tuple[int, int]) -> jax.Array:
+  """Depthwise conv of an already padded input as a sum of k*k strided slices times the taps."""
+  n, _, _, c = xp.shape
   kh, kw = kernel.shape[:2]
-  out_h, out_w = -(-h // stride), -(-w // stride)
-  pad_h, pad_w = same_padding(h, kh, stride), same_padding(w, kw, stride)
-  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  out_h, out_w = out_size
   taps = kernel.reshape(kh, kw, c)
   out = None
   for i in range(kh):
@@ -73,6 +75,17 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
       term = patch * taps[i, j]
       out = term if out is None else out + term
   return out
+
+
+def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Depthwise conv with TF SAME padding as a sum of k*k strided slices times per-channel weights.
+
+  XLA fuses the whole sum (and any following elementwise ops) into one loop over the output, which
+  on CPU beats its grouped-convolution kernel by a wide margin.
+  """
+  h, w = x.shape[1:3]
+  xp = pad_for_depthwise(x, kernel.shape[0], stride)
+  return depthwise_taps(xp, kernel, stride, (-(-h // stride), -(-w // stride)))
 
 
 def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:

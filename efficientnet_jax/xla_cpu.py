@@ -1,0 +1,51 @@
+"""XLA:CPU compiler options: cheap code for programs that run once, wide vectors for hot loops.
+
+They are passed per compilation (`jax.jit(..., compiler_options=...)` or
+`Lowered.compile(compiler_options=...)`), so they change only the program they are given to, and
+they are None on any backend but CPU:
+
+    jax.jit(fn, compiler_options=xla_cpu.wide_vector_options())
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+
+__all__ = ['RUN_ONCE_OPTIONS', 'WIDE_VECTOR_OPTIONS', 'host_has_avx512', 'run_once_options',
+           'wide_vector_options']
+
+# For a program that runs once, such as creating the train state: at full optimisation compiling
+# the initialisers and the init forward pass of a small network takes longer than anything the
+# program then does (tiny B0: 8 s against 3 s; the run itself is ~0 s).
+RUN_ONCE_OPTIONS = {'xla_backend_optimization_level': 0,
+                    'xla_llvm_disable_expensive_passes': True}
+# 512-bit vectors for the elementwise and depthwise loops where the CPU has AVX-512 (LLVM keeps
+# to 256 bits by default). On a 2-core AMD EPYC (Zen 4) this made B0 inference at batch 32 and
+# 224 px 1.04-1.08x faster.
+WIDE_VECTOR_OPTIONS = {'xla_cpu_prefer_vector_width': 512}
+
+
+@functools.cache
+def host_has_avx512() -> bool:
+  """Whether this (Linux) host's CPU reports AVX-512F; False where that cannot be read."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return 'avx512f' in line.split()
+  except OSError:
+    pass
+  return False
+
+
+def _on_cpu() -> bool:
+  return jax.default_backend() == 'cpu'
+
+
+def run_once_options() -> dict | None:
+  return dict(RUN_ONCE_OPTIONS) if _on_cpu() else None
+
+
+def wide_vector_options() -> dict | None:
+  return dict(WIDE_VECTOR_OPTIONS) if _on_cpu() and host_has_avx512() else None
