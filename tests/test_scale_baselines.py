@@ -49,11 +49,8 @@ def test_the_papers_mobilenet_v1_compound_row():
 
 
 # One test for the run and its rerun: under pytest-xdist a module fixture shared by two tests
-# could be built once per worker, training everything twice. Marked slow: each network costs
-# tens of seconds of XLA compilation on 2 cores, and test_compound_search.py already runs the
-# same runner end to end in the default suite (in one session, with it, most of these networks
-# hit the shared compilation cache).
-@pytest.mark.slow
+# could be built once per worker, training everything twice. In one session with
+# test_compound_search.py, networks both studies train hit the shared compilation cache.
 def test_quick_study_end_to_end_then_resumed(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('scale_baselines')
   seconds, _ = run_quick('scale_baselines', workdir, shared_xla_cache(tmp_path_factory),
