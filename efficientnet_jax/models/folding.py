@@ -71,7 +71,6 @@ def _mbconv(x, p, stride: int, act):
   """One MBConv block (see efficientnet.MBConvBlock) with BN folded into its convs."""
   inputs = x
   kernel = p['dwconv']['kernel']
-  out_size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
   if 'expand_conv' in p:
     # The activation and the zero border in one pass, written once: left to itself XLA:CPU
     # computes the sigmoid in one pass and the product and padding in another (it will not repeat
@@ -80,7 +79,7 @@ def _mbconv(x, p, stride: int, act):
     xp = lax.optimization_barrier(xp)
   else:  # the input is already in memory: the padding fuses into the taps' loop
     xp = layers.pad_for_depthwise(x, kernel.shape[0], stride)
-  x = act(layers.depthwise_taps(xp, kernel, stride, out_size) + p['dwconv']['bias'])
+  x = act(layers.depthwise_taps(xp, kernel, stride) + p['dwconv']['bias'])
   if 'se_reduce' in p:
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = act(_conv(s, p['se_reduce']))

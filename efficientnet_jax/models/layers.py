@@ -59,12 +59,14 @@ def pad_for_depthwise(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
                      same_padding(w, kernel_size, stride), (0, 0)))
 
 
-def depthwise_taps(xp: jax.Array, kernel: jax.Array, stride: int,
-                   out_size: tuple[int, int]) -> jax.Array:
-  """Depthwise conv of an already padded input as a sum of k*k strided slices times the taps."""
-  n, _, _, c = xp.shape
+def depthwise_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """Depthwise conv of an already padded input (VALID) as a sum of k*k strided slices times taps.
+
+  On `pad_for_depthwise`'s output this is the SAME conv of the unpadded input.
+  """
+  n, hp, wp, c = xp.shape
   kh, kw = kernel.shape[:2]
-  out_h, out_w = out_size
+  out_h, out_w = (hp - kh) // stride + 1, (wp - kw) // stride + 1
   taps = kernel.reshape(kh, kw, c)
   out = None
   for i in range(kh):
@@ -83,9 +85,7 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
   XLA fuses the whole sum (and any following elementwise ops) into one loop over the output, which
   on CPU beats its grouped-convolution kernel by a wide margin.
   """
-  h, w = x.shape[1:3]
-  xp = pad_for_depthwise(x, kernel.shape[0], stride)
-  return depthwise_taps(xp, kernel, stride, (-(-h // stride), -(-w // stride)))
+  return depthwise_taps(pad_for_depthwise(x, kernel.shape[0], stride), kernel, stride)
 
 
 def depthwise_conv_xla(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
