@@ -228,19 +228,29 @@ def create_input(config, *, train: bool, global_batch_size: int) -> tf.data.Data
 
 
 def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
-  """Turns host batches into global device arrays `size` batches ahead of the consumer."""
+  """Turns host batches into global device arrays `size` batches ahead of the consumer.
+
+  Pass the source iterator itself (e.g. `dataset.as_numpy_iterator()`), no other reference to it:
+  when this generator ends or is dropped, the source is deleted on a background thread
+  (`dispose_in_background`), so a tf.data iterator's slow teardown never stalls the caller.
+  """
   queue = collections.deque()
+  source = [iterator]
+  del iterator
 
   def enqueue(n):
-    for batch in iterator:
+    for batch in source[0]:
       queue.append(sharding.global_batch(batch, mesh))
       if len(queue) >= n:
         return
 
-  enqueue(max(size, 1))
-  while queue:
-    yield queue.popleft()
+  try:
     enqueue(max(size, 1))
+    while queue:
+      yield queue.popleft()
+      enqueue(max(size, 1))
+  finally:
+    dispose_in_background(source)
 
 
 def evaluate(params, batch_stats, *, eval_fn, dataset, mesh) -> dict[str, float]:
@@ -427,8 +437,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           checkpointer.save(step, state)
     if not eval_metrics:  # resumed at the end: evaluate what was restored
       eval_metrics = run_eval(step)
-  iterators = [train_iter]
-  del train_iter
-  dispose_in_background(iterators)
   checkpointer.close()
   return state, eval_metrics

@@ -18,6 +18,7 @@ import os
 import pathlib
 import re
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -340,6 +341,42 @@ def test_nan_loss_stops_at_last_good_checkpoint(tmp_path, monkeypatch):
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
       if jnp.issubdtype(leaf.dtype, jnp.floating):
         assert np.isfinite(np.asarray(leaf)).all(), (step, jax.tree_util.keystr(path))
+
+
+class _RecordingSource:
+  """A batch iterator that records which thread deletes it."""
+
+  def __init__(self, num_batches, deleted):
+    self.batches = iter([{'x': np.full((8, 2), i, np.float32)} for i in range(num_batches)])
+    self.deleted = deleted
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self.batches)
+
+  def __del__(self):
+    self.deleted.append(threading.current_thread().name)
+    self.deleted_event.set()
+
+
+@pytest.mark.parametrize('consume', ['all', 'some'])
+def test_prefetch_deletes_its_source_off_the_callers_thread(consume):
+  """A tf.data iterator can take up to a minute to delete (TF's autotuner); prefetch_to_mesh
+  hands its source to a background thread when it ends (eval) or is dropped (training)."""
+  deleted = []
+  source = _RecordingSource(5, deleted)
+  source.deleted_event = done = threading.Event()
+  batches = train.prefetch_to_mesh(source, sharding.create_mesh(), 2)
+  del source
+  if consume == 'all':
+    assert [float(b['x'][0, 0]) for b in batches] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  else:
+    assert float(next(batches)['x'][0, 0]) == 0.0
+  del batches
+  assert done.wait(10)
+  assert deleted == ['dispose_tf_data_iterator']
 
 
 # --- Gradient accumulation ----------------------------------------------------------------------
