@@ -1,17 +1,14 @@
-"""EfficientNet-B5 with the paper's ImageNet recipe (configs/default.py), batch 4096.
+"""EfficientNet-B5 with the paper's ImageNet recipe (`configs_lib.base_config`), batch 4096.
 
     python -m efficientnet_jax.main --config=configs/b5.py --workdir=gs://BUCKET/b5 \
         --config.data_dir=gs://BUCKET/tensorflow_datasets
 
 Local smoke run of the same experiment: --config=configs/b5.py:smoke
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+from efficientnet_jax import configs_lib
 
 
 def get_config(arg=None):
-  return default.variant_config('efficientnet-b5', width=1.6, depth=2.2, resolution=456, dropout=0.4,
-                                batch_size=4096, arg=arg)
+  return configs_lib.variant_config(
+      'efficientnet-b5', batch_size=4096, arg=arg,
+      coefficients=dict(width=1.6, depth=2.2, resolution=456, dropout=0.4))

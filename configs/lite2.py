@@ -1,17 +1,14 @@
-"""EfficientNet-Lite2 with the paper's ImageNet recipe (configs/default.py), batch 4096.
+"""EfficientNet-Lite2 with the paper's ImageNet recipe (`configs_lib.base_config`), batch 4096.
 
     python -m efficientnet_jax.main --config=configs/lite2.py --workdir=gs://BUCKET/lite2 \
         --config.data_dir=gs://BUCKET/tensorflow_datasets
 
 Local smoke run of the same experiment: --config=configs/lite2.py:smoke
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import default  # noqa: E402
+from efficientnet_jax import configs_lib
 
 
 def get_config(arg=None):
-  return default.variant_config('efficientnet-lite2', width=1.1, depth=1.2, resolution=260, dropout=0.3,
-                                batch_size=4096, arg=arg)
+  return configs_lib.variant_config(
+      'efficientnet-lite2', batch_size=4096, arg=arg,
+      coefficients=dict(width=1.1, depth=1.2, resolution=260, dropout=0.3))

@@ -1,3 +1,6 @@
-"""efficientnet-jax: EfficientNet (Tan & Le, ICML 2019) in JAX/Flax."""
+"""efficientnet-jax: EfficientNet (Tan & Le, ICML 2019) in JAX/Flax.
 
-import efficientnet_jax.datasets  # noqa: E402,F401  (registers the offline TFDS builder `digits`)
+Importing the package imports nothing heavy: `efficientnet_jax.models` needs only JAX and Flax.
+TensorFlow and TFDS come with the data pipeline (`input_pipeline`), which also registers the
+offline `digits` builder.
+"""

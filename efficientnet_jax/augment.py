@@ -109,7 +109,7 @@ RANDAUGMENT_OPS: tuple[str, ...] = (
 # Seeds.
 
 
-def _as_seed(seed) -> tf.Tensor:
+def as_seed(seed) -> tf.Tensor:
   """Returns a shape-[2] int64 seed; draws one from the global generator when `seed` is None."""
   if seed is None:
     return tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int64)
@@ -135,7 +135,8 @@ def _uniform(seed: tf.Tensor) -> tf.Tensor:
 # Colour ops. All take and return uint8 [H, W, 3].
 
 
-def _to_uint8(image_float: tf.Tensor) -> tf.Tensor:
+def truncate_to_uint8(image_float: tf.Tensor) -> tf.Tensor:
+  """Clips to [0, 255] and truncates, as the official AutoAugment ops do (not rounding)."""
   return tf.cast(tf.clip_by_value(image_float, 0.0, 255.0), tf.uint8)
 
 
@@ -147,7 +148,7 @@ def blend(image1: tf.Tensor, image2: tf.Tensor, factor) -> tf.Tensor:
   image1 = tf.cast(image1, tf.float32)
   image2 = tf.cast(image2, tf.float32)
   factor = tf.cast(factor, tf.float32)
-  return _to_uint8(image1 + factor * (image2 - image1))
+  return truncate_to_uint8(image1 + factor * (image2 - image1))
 
 
 def invert(image: tf.Tensor) -> tf.Tensor:
@@ -234,7 +235,7 @@ def autocontrast(image: tf.Tensor) -> tf.Tensor:
   hi = tf.reduce_max(x, axis=[0, 1], keepdims=True)
   flat = hi <= lo
   # (x - lo) * 255 / (hi - lo) maps hi to exactly 255 (a precomputed scale can give 254.99..).
-  stretched = _to_uint8((x - lo) * 255.0 / tf.maximum(hi - lo, 1.0))
+  stretched = truncate_to_uint8((x - lo) * 255.0 / tf.maximum(hi - lo, 1.0))
   return tf.where(tf.broadcast_to(flat, tf.shape(x)), image, stretched)
 
 
@@ -327,7 +328,7 @@ def cutout(image: tf.Tensor, pad_size, seed=None) -> tf.Tensor:
   The square is clipped at the image border, as in the official code.
   """
   image = tf.convert_to_tensor(image)
-  seed = _as_seed(seed)
+  seed = as_seed(seed)
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   center = tf.random.stateless_uniform(
       [2], seed=seed, minval=0, maxval=tf.int32.max, dtype=tf.int32) % tf.stack([height, width])
@@ -423,7 +424,7 @@ def apply_op(image: tf.Tensor, name: str, level: float, seed=None,
   `seed` drives the random sign of the geometric ops and the Cutout position.
   """
   image = _check_image(image)
-  return _apply_with_arg(image, name, level_to_arg(name, level, hparams), _as_seed(seed))
+  return _apply_with_arg(image, name, level_to_arg(name, level, hparams), as_seed(seed))
 
 
 def _check_image(image) -> tf.Tensor:
@@ -464,7 +465,7 @@ def distort_image_with_autoaugment(image, augmentation_name: str = 'v0', seed=No
   names = sorted({name for sub in policy for name, _, _ in sub})
   identity = len(names)
   length = max(len(sub) for sub in policy)
-  seeds = _split_seed(_as_seed(seed), 1 + 2 * length)
+  seeds = _split_seed(as_seed(seed), 1 + 2 * length)
   choice = tf.random.stateless_uniform(
       [], seed=seeds[0], minval=0, maxval=len(policy), dtype=tf.int32)
   out = image
@@ -493,7 +494,7 @@ def distort_image_with_randaugment(image, num_layers: int, magnitude: float, see
   num_layers = int(num_layers)
   args = tf.constant([level_to_arg(n, magnitude, RANDAUGMENT_HPARAMS) for n in RANDAUGMENT_OPS],
                      tf.float32)
-  seeds = _split_seed(_as_seed(seed), 2 * max(num_layers, 1))
+  seeds = _split_seed(as_seed(seed), 2 * max(num_layers, 1))
   out = image
   for layer in range(num_layers):
     index = tf.random.stateless_uniform(

@@ -73,6 +73,7 @@ import tensorflow_datasets as tfds
 
 import efficientnet_jax.datasets  # noqa: F401  (registers the `digits` builder)
 from efficientnet_jax import augment as augment_lib
+from efficientnet_jax import configs_lib
 
 __all__ = [
     'DatasetInfo',
@@ -199,7 +200,8 @@ def _resize(image: tf.Tensor, image_size: int, interpolation: str) -> tf.Tensor:
   return image
 
 
-def _to_uint8(image: tf.Tensor) -> tf.Tensor:
+def round_to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Clips a resized float image to [0, 255] and rounds it to the nearest uint8."""
   return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
@@ -218,15 +220,6 @@ def preprocess_for_eval(image, image_size: int, crop_padding: int = 32,
   image = tf.clip_by_value(_with_image(image, fn), 0.0, 255.0)
   image.set_shape([image_size, image_size, 3])
   return image
-
-
-def _as_seed(seed) -> tf.Tensor:
-  if seed is None:
-    return tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int64)
-  seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
-  if seed.shape.rank == 0:
-    seed = tf.stack([seed, tf.constant(0, tf.int64)])
-  return seed
 
 
 def preprocess_for_train(image, image_size: int, *, seed=None, train_crop: str = 'inception',
@@ -259,8 +252,8 @@ def preprocess_for_train(image, image_size: int, *, seed=None, train_crop: str =
   augment = augment or 'none'
   if augment not in AUGMENTS:
     raise ValueError(f'Unknown augment {augment!r}; valid: {AUGMENTS}.')
-  crop_seed, flip_seed, augment_seed = [
-      s for s in tf.unstack(tf.random.experimental.stateless_split(_as_seed(seed), num=3))]
+  crop_seed, flip_seed, augment_seed = tf.unstack(
+      tf.random.experimental.stateless_split(augment_lib.as_seed(seed), num=3))
 
   if train_crop == 'inception':
     def fn(shape, crop):
@@ -288,7 +281,7 @@ def preprocess_for_train(image, image_size: int, *, seed=None, train_crop: str =
     image = tf.pad(image, [[pad_pixels, pad_pixels], [pad_pixels, pad_pixels], [0, 0]],
                    mode=pad_mode)
     image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], seed=crop_seed)
-  image = _to_uint8(image)
+  image = round_to_uint8(image)
   if random_flip:
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
   if augment == 'autoaugment':
@@ -699,7 +692,7 @@ def create_split(config, *, train: bool, batch_size: int, process_index: int | N
         f'{model_classes}: labels would fall outside the classifier. Set '
         f'--config.num_classes={source.num_classes}.')
   train_split, eval_split = _resolve_splits(config, source, quiet=train)
-  image_size = int(_cfg(config, 'resolution', 224))
+  image_size = configs_lib.model_fields(config)['resolution']
   crop_padding = int(_cfg(config, 'crop_padding', 32))
   interpolation = str(_cfg(config, 'interpolation', 'bicubic'))
   if source.is_folder:
@@ -760,7 +753,7 @@ def create_split(config, *, train: bool, batch_size: int, process_index: int | N
   @tf.autograph.experimental.do_not_convert
   def prepare_eval(example):
     image = preprocess_for_eval(example['image'], image_size, crop_padding, interpolation)
-    return {'image': _to_uint8(image), 'label': tf.cast(example['label'], tf.int32),
+    return {'image': round_to_uint8(image), 'label': tf.cast(example['label'], tf.int32),
             'mask': tf.constant(1.0, tf.float32)}
 
   ds = source.read(eval_split, process_index=process_index, process_count=process_count,

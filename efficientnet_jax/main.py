@@ -10,6 +10,8 @@ sets up JAX (multi-host initialisation, TF kept off the accelerators).
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -66,5 +68,30 @@ def main(argv):
     print(f'Final top-1: {top1:.4f} ({int(metrics.get("eval_ema/num_examples", metrics.get("eval/num_examples", 0)))} eval examples)')
 
 
+# The checkout's configs/, for `--config=configs/b7.py` typed in another working directory.
+_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def with_repo_config_path(argv: list[str]) -> list[str]:
+  """`argv` with a relative --config path that is missing here taken from the checkout instead.
+
+  config_flags reads the path relative to the working directory; a path such as
+  configs/b7.py that only exists relative to the repository then still loads.
+  """
+  result = []
+  for arg in argv:
+    if arg.startswith('--config='):
+      path, sep, rest = arg[len('--config='):].partition(':')
+      if (path and not os.path.isabs(path) and not os.path.exists(path)
+          and (_REPO_ROOT / path).is_file()):
+        arg = f'--config={_REPO_ROOT / path}{sep}{rest}'
+    result.append(arg)
+  return result
+
+
+def run() -> None:
+  app.run(main, argv=with_repo_config_path(sys.argv))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from efficientnet_jax.models import naming
+
 VALID_SCHEDULES = ('exponential', 'cosine', 'constant')
 VALID_OPTIMIZERS = ('rmsprop', 'sgd', 'adamw')
 
@@ -101,12 +103,12 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
       return peak * jnp.power(decay_rate, exponent)
 
   elif name == 'cosine':
-    total_steps = _total_steps(config, steps_per_epoch)
+    num_steps = total_steps(config, steps_per_epoch)
     # Cosine over the steps left after warmup, so the curve is continuous at the end of warmup
     # and reaches exactly 0 at the last step. (The official code instead evaluates
     # 0.5 * peak * (1 + cos(pi * step / total)) from step 0, which starts the cosine slightly
     # below peak after warmup; the difference is negligible for long runs.)
-    decay_steps = max(total_steps - warmup_steps, 1)
+    decay_steps = max(num_steps - warmup_steps, 1)
 
     def after_warmup(step):
       progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
@@ -127,8 +129,8 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
   return schedule
 
 
-def _total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
-  """Optimizer steps in the whole run, as the trainer counts them."""
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
+  """Optimizer steps in the whole run: `num_train_steps` if set, else whole epochs rounded up."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
   return int(math.ceil(config.num_epochs * steps_per_epoch))
@@ -150,21 +152,6 @@ def _is_norm_module(name: str) -> bool:
   return any(t == 'bn' or t == 'normalization' or t.endswith('norm') for t in tokens)
 
 
-def _path_names(path) -> list[str]:
-  """Turns a jax key path into plain strings (dict keys, attribute names, indices)."""
-  names = []
-  for entry in path:
-    if isinstance(entry, jax.tree_util.DictKey):
-      names.append(str(entry.key))
-    elif isinstance(entry, jax.tree_util.GetAttrKey):
-      names.append(str(entry.name))
-    elif isinstance(entry, jax.tree_util.SequenceKey):
-      names.append(str(entry.idx))
-    else:  # FlattenedIndexKey and anything newer.
-      names.append(str(getattr(entry, 'key', entry)))
-  return names
-
-
 def weight_decay_mask(params: Any) -> Any:
   """Returns a pytree of bools, True for the parameters that get weight decay.
 
@@ -180,7 +167,7 @@ def weight_decay_mask(params: Any) -> Any:
   """
 
   def decay(path, leaf) -> bool:
-    names = _path_names(path)
+    names = naming.key_names(path)
     # Boxed metadata (nn.Partitioned) adds a trailing 'value' attribute; it is not a module.
     modules = names[:-1]
     if any(_is_norm_module(m) for m in modules):

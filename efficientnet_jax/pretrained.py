@@ -29,6 +29,11 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import orbax.checkpoint as ocp
+
+from efficientnet_jax.models import create_model, get_variant
+from efficientnet_jax.models.naming import (flatten, format_problems, shape_problems,
+                                            variable_shapes)
 
 FORMAT = 'efficientnet-jax-pretrained'
 VERSION = 1
@@ -40,8 +45,6 @@ COLLECTIONS = ('params', 'batch_stats')
 PREPROCESSING_FIELDS = ('resolution', 'crop_padding', 'crop_fraction', 'interpolation',
                         'mean_rgb', 'stddev_rgb')
 _OVERRIDABLE = PREPROCESSING_FIELDS + ('notes',)
-# How many mismatched tensors an error lists before summarising the rest.
-_LIST_LIMIT = 12
 
 
 class PretrainedError(ValueError):
@@ -50,8 +53,6 @@ class PretrainedError(ValueError):
 
 def variant_preprocessing(model_name: str) -> dict[str, Any]:
   """The published eval preprocessing of a variant, in metadata.json's field names."""
-  from efficientnet_jax.models import get_variant
-
   spec = get_variant(model_name)
   return {
       'resolution': spec.resolution,
@@ -61,61 +62,6 @@ def variant_preprocessing(model_name: str) -> dict[str, Any]:
       'mean_rgb': [float(v) for v in spec.mean_rgb],
       'stddev_rgb': [float(v) for v in spec.stddev_rgb],
   }
-
-
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-  """{'params/block1a/dwconv/kernel': leaf, ...} of a nested dict, in insertion order."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, prefix + (str(key),)))
-    else:
-      flat['/'.join(prefix + (str(key),))] = value
-  return flat
-
-
-def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
-  """Our variables' shapes for `model`, flattened, without materialising any array."""
-  import jax
-  import jax.numpy as jnp
-
-  # The variables do not depend on the input size, only on surviving the network's stride.
-  size = max(32, getattr(model, 'total_stride', 32))
-  # A features_only model leaves the head unused, but the stored variables still hold it (and
-  # Linen ignores variables a module does not use), so check against the full network. (Other
-  # model families may lack these fields.)
-  fields = {k: v for k, v in (('features_only', False), ('conv_impl', 'xla')) if hasattr(model, k)}
-  model = model.clone(**fields)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  return {name: tuple(leaf.shape) for name, leaf in flatten(dict(shapes)).items()}
-
-
-def shape_problems(found: Mapping[str, tuple[int, ...]],
-                    expected: Mapping[str, tuple[int, ...]]) -> list[str]:
-  """Missing, unexpected and mis-shaped tensors, in network order (stem -> blocks -> head)."""
-  from efficientnet_jax.convert.mapping import path_order
-
-  def order(name):  # 'params/block2a/dwconv/kernel' -> the module's place in the network
-    parts = name.split('/')
-    return (path_order(parts[1:-1] or parts[1:]), parts[0] != 'params', name)
-
-  problems = []
-  for name, shape in sorted(expected.items(), key=lambda item: order(item[0])):
-    if name not in found:
-      problems.append(f'missing: {name} {shape}')
-    elif tuple(found[name]) != shape:
-      problems.append(f'shape mismatch: {name} is {tuple(found[name])}, the model needs {shape}')
-  problems += [f'unexpected: {name} {tuple(shape)}'
-               for name, shape in sorted(found.items(), key=lambda item: order(item[0]))
-               if name not in expected]
-  return problems
-
-
-def format_problems(problems: Sequence[str]) -> str:
-  lines = [f'  {p}' for p in problems[:_LIST_LIMIT]]
-  if len(problems) > _LIST_LIMIT:
-    lines.append(f'  ... and {len(problems) - _LIST_LIMIT} more')
-  return '\n'.join(lines)
 
 
 def _json_ready(value):
@@ -154,10 +100,6 @@ def save(directory: str, model_name: str, variables: Mapping[str, Any], *,
       resolution, crop_padding, crop_fraction, interpolation, mean_rgb, stddev_rgb) and
       free-text `notes`. Overridden fields are listed in metadata['overridden'].
   """
-  import orbax.checkpoint as ocp
-
-  from efficientnet_jax.models import create_model
-
   unknown = sorted(set(metadata_overrides) - set(_OVERRIDABLE))
   if unknown:
     raise TypeError(f'pretrained.save got unknown metadata field(s) {unknown}; the ones a '
@@ -189,7 +131,7 @@ def save(directory: str, model_name: str, variables: Mapping[str, Any], *,
 
   model = create_model(model_name, num_classes=num_classes, **model_overrides)
   found = {name: tuple(np.shape(v)) for name, v in flatten(variables).items()}
-  problems = shape_problems(found, _expected_shapes(model))
+  problems = shape_problems(found, variable_shapes(model))
   if problems:
     raise PretrainedError(
         f'The variables do not fit {model_name} with {num_classes} classes'
@@ -265,7 +207,7 @@ def read_metadata(directory: str) -> dict[str, Any]:
     raise FileNotFoundError(
         f'No pretrained directory at {directory!r}: it does not exist or is not a directory. '
         'Create one from a checkpoint with `python -m efficientnet_jax.convert --source=... '
-        '--weights=... --output=DIR` (see README "Pretrained weights"), then pass DIR.')
+        '--weights=... --output=DIR` (see docs/pretrained.md), then pass DIR.')
   path = os.path.join(directory, METADATA_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(
@@ -311,10 +253,6 @@ def load(directory: str, **model_overrides) -> tuple[Any, dict[str, Any], dict[s
   of numpy arrays. Raises a clear error for a missing or foreign directory and for variables
   that do not fit the model (naming the first mismatched tensors).
   """
-  import orbax.checkpoint as ocp
-
-  from efficientnet_jax.models import create_model
-
   metadata = read_metadata(directory)
   variables_path = os.path.abspath(os.path.join(os.fspath(directory), VARIABLES_DIR))
   if not os.path.isdir(variables_path):
@@ -340,7 +278,7 @@ def load(directory: str, **model_overrides) -> tuple[Any, dict[str, Any], dict[s
           'It is damaged or was not written by pretrained.save; convert the weights '
           'again.') from err
     found = {name: tuple(leaf.shape) for name, leaf in flatten(dict(tree)).items()}
-    problems = shape_problems(found, _expected_shapes(model))
+    problems = shape_problems(found, variable_shapes(model))
     if problems:
       extra = f' and overrides {overrides}' if overrides else ''
       raise PretrainedError(

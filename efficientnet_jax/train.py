@@ -25,7 +25,8 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from efficientnet_jax import checkpointing, input_pipeline, optim, sharding, transfer, xla_cpu
+from efficientnet_jax import (checkpointing, configs_lib, input_pipeline, optim, sharding, transfer,
+                              xla_cpu)
 from efficientnet_jax.models import create_model, get_variant
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -43,16 +44,18 @@ class TrainState:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int | None = None):
-  """The model a config describes: family from `config.model`, coefficients from the config.
+  """The model a config describes: `config.model` with the coefficients `configs_lib` resolves.
 
-  A new variant (another phi, another alpha/beta/gamma) is therefore a new config file.
+  Width, depth and dropout are the variant's own unless the config sets them, so a new variant
+  (another phi, another alpha/beta/gamma) is a config, not a code change.
   """
   if config.dtype not in COMPUTE_DTYPES:
     raise ValueError(f'Unknown config.dtype {config.dtype!r}; valid: {", ".join(COMPUTE_DTYPES)}.')
+  fields = configs_lib.model_fields(config)
   return create_model(
       config.model, num_classes=num_classes or config.num_classes,
-      dtype=COMPUTE_DTYPES[config.dtype], width=config.width, depth=config.depth,
-      dropout=config.dropout, drop_connect_rate=config.drop_connect_rate,
+      dtype=COMPUTE_DTYPES[config.dtype], width=fields['width'], depth=fields['depth'],
+      dropout=fields['dropout'], drop_connect_rate=config.drop_connect_rate,
       stem_stride=config.stem_stride, bn_momentum=config.bn_momentum,
       bn_epsilon=config.bn_epsilon, bn_group_size=config.bn_group_size,
       conv_impl=config.conv_impl)
@@ -86,7 +89,7 @@ def dispose_in_background(holder: list) -> None:
 
 
 def create_train_state(rng, *, model, tx, config) -> TrainState:
-  size = config.resolution
+  size = configs_lib.model_fields(config)['resolution']
   variables = model.init(rng, jnp.zeros((1, size, size, 3), COMPUTE_DTYPES[config.dtype]))
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   ema = config.ema_decay > 0
@@ -284,6 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Returns:
     (final TrainState, final eval metrics dict with keys like 'eval/top1', 'eval_ema/top1').
   """
+  config = configs_lib.resolve(config, log=True)
   checkpointing.check_workdir_writable(workdir)
   mesh = sharding.create_mesh()
   _check_config(config, mesh)
@@ -293,8 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         f'{info.name!r} has {info.num_classes} classes but config.num_classes is '
         f'{config.num_classes}. Set --config.num_classes={info.num_classes}.')
   steps_per_epoch = info.num_train_examples / config.batch_size
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else int(math.ceil(config.num_epochs * steps_per_epoch)))
+  num_steps = optim.total_steps(config, steps_per_epoch)
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
                 else max(1, int(math.ceil(steps_per_epoch))))
   logging.info('Dataset %s: %d train / %d eval examples, %d classes; %d steps of batch %d on '
@@ -309,6 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   abstract_state = jax.eval_shape(init, init_rng)
+  logging.info('%s: %s trainable parameters at %d px.', config.model,
+               f'{sum(x.size for x in jax.tree.leaves(abstract_state.params)):,}',
+               config.resolution)
   state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp,
                                             config.fsdp_min_size)
   replicated = sharding.replicated(mesh)

@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from efficientnet_jax import optim, pretrained
-from efficientnet_jax.models import get_variant
+from efficientnet_jax import configs_lib, optim, pretrained
+from efficientnet_jax.models import get_variant, naming
+
 
 class InitFromError(ValueError):
   """`config.init_from` cannot initialise this config's model."""
@@ -43,10 +44,11 @@ def architecture_mismatches(config: ml_collections.ConfigDict,
     width, depth = _coefficients(metadata['model'], metadata.get('model_overrides') or {})
   except ValueError:  # a model name this version does not know: already reported above
     return problems
-  if not np.isclose(width, config.width):
-    problems.append(f'width: pretrained {width:g}, config.width {config.width:g}')
-  if not np.isclose(depth, config.depth):
-    problems.append(f'depth: pretrained {depth:g}, config.depth {config.depth:g}')
+  fields = configs_lib.model_fields(config)
+  if not np.isclose(width, fields['width']):
+    problems.append(f'width: pretrained {width:g}, config.width {fields["width"]:g}')
+  if not np.isclose(depth, fields['depth']):
+    problems.append(f'depth: pretrained {depth:g}, config.depth {fields["depth"]:g}')
   return problems
 
 
@@ -59,7 +61,7 @@ def _put(value: np.ndarray, like: jax.Array) -> jax.Array:
 def _merge(current: Any, loaded: Mapping[str, np.ndarray], prefix: str) -> Any:
   """`current` with every leaf found in `loaded` (by its 'a/b/c' name) replaced, same shardings."""
   def replace(path, leaf):
-    name = '/'.join([prefix] + [str(getattr(k, 'key', k)) for k in path])
+    name = '/'.join([prefix] + naming.key_names(path))
     return _put(loaded[name], leaf) if name in loaded else leaf
   return jax.tree_util.tree_map_with_path(replace, current)
 
@@ -81,22 +83,22 @@ def init_from_pretrained(state, config: ml_collections.ConfigDict, *, tx):
   problems = architecture_mismatches(config, metadata)
   new_head = int(metadata['num_classes']) != int(config.num_classes)
   head = f'params/{optim.HEAD_MODULE}/'
-  loaded = pretrained.flatten({'params': variables['params'],
+  loaded = naming.flatten({'params': variables['params'],
                                'batch_stats': variables.get('batch_stats', {})})
-  target = pretrained.flatten({'params': state.params, 'batch_stats': state.batch_stats})
+  target = naming.flatten({'params': state.params, 'batch_stats': state.batch_stats})
   if not any(name.startswith(head) for name in target):
     problems.append(f'this model has no classifier named {optim.HEAD_MODULE!r} to re-initialise')
   if not problems:
     # A new classifier is re-initialised, so its shapes may differ.
     keep = lambda name: not (new_head and name.startswith(head))
-    problems = pretrained.shape_problems(
+    problems = naming.shape_problems(
         {name: tuple(np.shape(v)) for name, v in loaded.items() if keep(name)},
         {name: tuple(leaf.shape) for name, leaf in target.items() if keep(name)})
   if problems:
     raise InitFromError(
         f'config.init_from={directory!r} holds {metadata["model"]} ({metadata["num_classes"]} '
         f'classes), which does not match the model this config builds; {len(problems)} '
-        f'difference(s):\n{pretrained.format_problems(problems)}\nFine-tuning changes only the classifier: set '
+        f'difference(s):\n{naming.format_problems(problems)}\nFine-tuning changes only the classifier: set '
         '--config.model, --config.width and --config.depth to the pretrained model\'s (the '
         'finetune configs take the variant as their argument, e.g. '
         'configs/finetune_cifar10.py:lite0).')

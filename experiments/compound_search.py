@@ -22,13 +22,12 @@ with each network's checkpoints, TensorBoard metrics and result.json. Rerunning 
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, logging
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from efficientnet_jax.study import cli, grid, report, runner  # noqa: E402
+from efficientnet_jax.models import scaling
+from efficientnet_jax.study import cli, grid, report, runner
 
 COLUMNS = ('rank', 'alpha', 'beta', 'gamma', 'width', 'depth', 'resolution', 'flops_ratio_formula',
            'flops_ratio_real', 'madds', 'params', 'top1', 'name')
@@ -40,7 +39,7 @@ FORMATS = {'top1': '{:.2%}', 'flops_ratio_formula': '{:.3f}', 'flops_ratio_real'
 def scaled_candidate(config, alpha: float, beta: float, gamma: float, phi: float,
                      **labels) -> runner.Candidate:
   """The baseline `config.train` scaled by alpha**phi, beta**phi, gamma**phi."""
-  base = config.train
+  base = runner.scaled_config(config.train)
   width, depth, resolution = grid.scale(base.width, base.depth, base.resolution, alpha=alpha,
                                         beta=beta, gamma=gamma, phi=phi)
   train_config = runner.scaled_config(base, width=width, depth=depth, resolution=resolution)
@@ -59,7 +58,7 @@ def search_candidates(config) -> tuple[list[runner.Candidate], list[dict]]:
                                                config.target_flops_ratio, config.tolerance):
     candidate = scaled_candidate(config, alpha, beta, gamma, phi=1.0)
     real = runner.measure(candidate.config)['madds'] / baseline_madds
-    labels = {**candidate.labels, 'flops_ratio_formula': round(alpha * beta**2 * gamma**2, 6),
+    labels = {**candidate.labels, 'flops_ratio_formula': round(scaling.flops_multiplier(alpha, beta, gamma), 6),
               'flops_ratio_real': round(real, 6)}
     candidate = runner.Candidate(candidate.name, candidate.config, labels)
     if (config.filter_on_real_flops and

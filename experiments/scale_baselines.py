@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from absl import app, flags, logging
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from efficientnet_jax import complexity  # noqa: E402
-from efficientnet_jax.models import create_model, get_variant  # noqa: E402
-from efficientnet_jax.study import cli, report, runner  # noqa: E402
+from efficientnet_jax import complexity
+from efficientnet_jax.models import create_model, get_variant
+from efficientnet_jax.study import cli, report, runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +94,7 @@ def paper_scale_rows(model: str) -> list[dict]:
 
 def training_candidates(config, model: str) -> list[runner.Candidate]:
   """Table 3's rows for `model` scaled from `config.train`'s width, depth and resolution."""
-  base = config.train
+  base = runner.scaled_config(config.train, model=model)  # unset coefficients: the model's
   points = []
   for row in TABLE3[model]:
     fields = dict(model=model, width=round(base.width * row.width, 6),

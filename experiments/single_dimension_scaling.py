@@ -21,13 +21,11 @@ rerunning resumes.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, logging
 from etils import epath
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from efficientnet_jax.study import cli, grid, report, runner  # noqa: E402
+from efficientnet_jax.study import cli, grid, report, runner
 
 MODES = ('dimensions', 'width_at_depth_resolution')
 COLUMNS = ('curve', 'multiplier', 'width', 'depth', 'resolution', 'madds', 'params', 'top1', 'name')
@@ -46,7 +44,7 @@ def _candidate(base, curve: str, multiplier: float, *, w: float = 1.0, d: float 
 
 def candidates(config) -> list[runner.Candidate]:
   """Every point of every curve, curve by curve, in the config's order (a pure function)."""
-  base = config.train
+  base = runner.scaled_config(config.train)
   points = []
   if config.mode == 'dimensions':
     unknown = sorted(set(config.dimensions) - {'width', 'depth', 'resolution', 'compound'})

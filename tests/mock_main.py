@@ -7,15 +7,12 @@ Every flag of efficientnet_jax.main is accepted. The mock is entered inside the 
 TFDS in memory), before main() sets up JAX and reads the data, so each process of a multi-process
 run mocks its own reads. The mocked examples are deterministic, so all processes see the same data.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags
+import tensorflow_datasets as tfds
 
-from absl import app, flags  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-
-from efficientnet_jax import main as main_lib  # noqa: E402  (defines the trainer's flags)
+from efficientnet_jax import main as main_lib  # defines the trainer's flags
 
 flags.DEFINE_integer('mock_num_examples', 16, 'Examples in every mocked TFDS split.')
 
@@ -26,4 +23,4 @@ def run(argv):
 
 
 if __name__ == '__main__':
-  app.run(run)
+  app.run(run, argv=main_lib.with_repo_config_path(sys.argv))

@@ -1,7 +1,5 @@
-"""The config files: every variant's coefficients, the 'smoke' argument, the lock, and B7 starting.
-
-configs/<name>.py must describe efficientnet-<name> exactly as `efficientnet_jax.models.VARIANTS`
-does (the same coefficients live in two places, so they are checked against each other).
+"""The config files: the variant registry as the one source of coefficients, the 'smoke'
+argument, the lock, loading from any directory, and B7 starting.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientnet_jax import optim, sharding, train
+from efficientnet_jax import configs_lib, optim, sharding, train
 from efficientnet_jax.models import VARIANTS
 from support import load_config_module as load, subprocess_env
 
@@ -35,20 +33,88 @@ def test_one_config_file_per_variant():
 
 
 @pytest.mark.parametrize('name', VARIANT_FILES)
-def test_variant_config_matches_model_zoo(name):
+def test_variant_config_is_the_registry_variant(name):
   config = load(name).get_config()
   spec = VARIANTS[f'efficientnet-{name}']
   assert config.model == spec.name
-  assert config.width == spec.width
-  assert config.depth == spec.depth
-  assert config.resolution == spec.resolution
-  assert config.dropout == spec.dropout
+  # The coefficients are placeholders that resolve to the registry's, never copies of them.
+  assert all(config[field] is None for field in configs_lib.MODEL_FIELDS)
+  resolved = configs_lib.resolve(config)
+  assert (resolved.width, resolved.depth, resolved.resolution, resolved.dropout) == (
+      spec.width, spec.depth, spec.resolution, spec.dropout)
   # Everything else is the paper recipe of configs/default.py.
   base = load('default').get_config()
   assert config.num_classes == base.num_classes == 1000
   assert config.optimizer == base.optimizer and config.learning_rate == base.learning_rate
   assert config.dataset == 'imagenet2012'
   assert config.batch_size % 8 == 0
+
+
+def test_stated_coefficients_that_disagree_with_the_registry_fail_at_load():
+  with pytest.raises(ValueError, match=r"width=2\.1 \(the registry has 2\.0\)") as err:
+    configs_lib.variant_config('efficientnet-b7', batch_size=4096, coefficients=dict(
+        width=2.1, depth=3.1, resolution=600, dropout=0.5))
+  assert 'models/variants.py' in str(err.value)
+  with pytest.raises(ValueError, match='Unknown coefficient'):
+    configs_lib.variant_config('efficientnet-b0', batch_size=8, coefficients=dict(widht=1.0))
+
+
+def test_model_override_builds_that_variant_on_any_config():
+  """--config.model=efficientnet-b3 on default.py (B0) or b7.py is the real B3 at 300 px."""
+  for base in ('default', 'b7'):
+    config = load(base).get_config()
+    config.model = 'efficientnet-b3'
+    resolved = configs_lib.resolve(config)
+    assert resolved.resolution == 300 and resolved.dropout == 0.3
+    model = train.build_model(config)
+    variables = jax.eval_shape(model.init, jax.random.key(0),
+                               jax.ShapeDtypeStruct((1, 300, 300, 3), jnp.float32))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+    assert count == VARIANTS['efficientnet-b3'].published_params == 12_233_232
+
+
+def test_explicit_width_overrides_the_variant_and_is_logged(caplog):
+  config = load('b3').get_config()
+  config.width = 1.5
+  with caplog.at_level('INFO'):
+    resolved = configs_lib.resolve(config, log=True)
+  assert (resolved.width, resolved.depth, resolved.resolution) == (1.5, 1.4, 300)
+  assert train.build_model(config).width_coefficient == 1.5
+  assert "width 1.5 (set by the config; the variant's own is 1.2)" in caplog.text
+
+
+def test_model_override_through_main_as_the_user_types_it(tmp_path):
+  """`python -m efficientnet_jax.main --config=configs/default.py --config.model=...`, typed in
+  another directory, on mock data, builds the real B3: its parameters, at 300 px.
+
+  The run is stopped once it has said so: training B3 itself would only add minutes of compile.
+  """
+  lines = []
+  with subprocess.Popen(
+      [sys.executable, str(ROOT / 'tests' / 'mock_main.py'), '--mock_num_examples=8',
+       '--config=configs/default.py', '--config.model=efficientnet-b3',
+       f'--workdir={tmp_path / "b3"}', '--config.batch_size=8', '--config.eval_batch_size=8',
+       '--local_device_count=1'],
+      cwd=str(tmp_path), env=subprocess_env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) as process:
+    try:
+      for line in process.stderr:
+        lines.append(line)
+        if 'trainable parameters' in line:
+          break
+    finally:
+      process.kill()
+  output = ''.join(lines)
+  assert ('Model efficientnet-b3: width 1.2, depth 1.4, resolution 300, dropout 0.3, all the '
+          "variant's own.") in output, output[-4000:]
+  assert 'efficientnet-b3: 12,233,232 trainable parameters at 300 px.' in output, output[-4000:]
+
+
+def test_import_of_models_pays_for_neither_tensorflow_nor_tfds():
+  code = ('import sys, efficientnet_jax.models; '
+          "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+          'assert not bad, bad')
+  subprocess.run([sys.executable, '-c', code], check=True, env=subprocess_env(), timeout=120)
 
 
 @pytest.mark.parametrize('name', VARIANT_FILES + list(NOT_VARIANTS))

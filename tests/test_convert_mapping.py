@@ -6,12 +6,11 @@ checks the shared mechanism on a synthetic PyTorch-named checkpoint.
 import numpy as np
 import pytest
 
-from efficientnet_jax.convert.mapping import (ConversionError, convert_tensors,
-                                              expected_modules, infer_model_name)
+from efficientnet_jax.convert.mapping import ConversionError, convert_tensors, expected_modules
 from efficientnet_jax.convert.torch import TORCH_LAYOUT
 from efficientnet_jax.models import VARIANTS, create_model
-from efficientnet_jax.models.variants import HEAD_FILTERS, STEM_FILTERS
-from efficientnet_jax.models import round_filters
+from efficientnet_jax.models.naming import infer_model_name
+from efficientnet_jax.models.scaling import stem_head_filters
 
 
 def torch_tensors(model_name):
@@ -75,13 +74,11 @@ def test_every_variant_is_inferred_from_its_structure(per_stage):
   for name in VARIANTS:
     model = create_model(name)
     plan = [r for r, _ in model.stage_plan()]
-    width = model.width_coefficient
-    stem = STEM_FILTERS if model.fix_stem_head else round_filters(STEM_FILTERS, width)
-    head = HEAD_FILTERS if model.fix_stem_head else round_filters(HEAD_FILTERS, width)
+    stem, head = stem_head_filters(model.width_coefficient, model.fix_stem_head)
     head_in = model.stage_plan()[-1][1].out_filters
     assert infer_model_name(stem_filters=stem, head_filters=head, head_in_filters=head_in,
                             repeats=plan if per_stage else sum(plan),
                             has_se=not model.fix_stem_head, source='x') == name
   with pytest.raises(ConversionError, match='Cannot tell which EfficientNet x is: no variant'):
     infer_model_name(stem_filters=32, head_filters=1280, head_in_filters=320, repeats=99,
-                     has_se=True, source='x')
+                     has_se=True, source='x', error=ConversionError)

@@ -20,7 +20,8 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from efficientnet_jax import checkpointing, input_pipeline, optim, pretrained, train, transfer
+from efficientnet_jax import (checkpointing, configs_lib, input_pipeline, optim, pretrained, train,
+                              transfer)
 from efficientnet_jax.models import create_model
 from support import load_config_module
 
@@ -304,8 +305,9 @@ def test_config_matches_dataset_and_paper(name):
     if config.dataset != 'oxford_iiit_pet':  # Table 6's 3,369 vs the official 3,669
       assert module.NUM_EVAL_EXAMPLES == paper_test
   # The default variant is B0 with its published coefficients; the argument picks another.
-  assert (config.model, config.resolution, config.dropout) == ('efficientnet-b0', 224, 0.2)
-  lite = module.get_config('lite2')
+  resolved = configs_lib.resolve(config)
+  assert (config.model, resolved.resolution, resolved.dropout) == ('efficientnet-b0', 224, 0.2)
+  lite = configs_lib.resolve(module.get_config('lite2'))
   assert (lite.model, lite.width, lite.depth, lite.resolution) == ('efficientnet-lite2', 1.1,
                                                                     1.2, 260)
   with pytest.raises(ValueError, match=r"Unknown config argument 'b9'.*'smoke'"):

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
+from efficientnet_jax import configs_lib
 from efficientnet_jax.study import cli, grid, report, runner
-from configs.experiments import _quick_recipe
 
 
 # --- grid ---------------------------------------------------------------------------------------
@@ -104,12 +104,12 @@ class FakeTrain:
 
 
 def candidate(width, **labels):
-  config = runner.scaled_config(_quick_recipe.quick_recipe(steps=2), width=width)
+  config = runner.scaled_config(configs_lib.quick_study_recipe(steps=2), width=width)
   return runner.Candidate(runner.network_name(config), config, labels)
 
 
 def test_scaled_config_copies_and_stays_locked():
-  base = _quick_recipe.quick_recipe()
+  base = configs_lib.quick_study_recipe()
   config = runner.scaled_config(base, width=1, resolution=30.4)
   assert (config.width, config.resolution, base.width) == (1.0, 30, 0.5)
   assert isinstance(config.width, float)
@@ -119,8 +119,8 @@ def test_scaled_config_copies_and_stays_locked():
 
 
 def test_measure_counts_the_built_network():
-  cost = runner.measure(_quick_recipe.quick_recipe())
-  wider = runner.measure(runner.scaled_config(_quick_recipe.quick_recipe(), width=1.0))
+  cost = runner.measure(configs_lib.quick_study_recipe())
+  wider = runner.measure(runner.scaled_config(configs_lib.quick_study_recipe(), width=1.0))
   assert 0 < cost['params'] < wider['params'] and 0 < cost['madds'] < wider['madds']
 
 

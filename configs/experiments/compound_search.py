@@ -19,22 +19,16 @@ Quick version (tiny B0 on the offline digits; five networks, about 90 CPU-second
 Rerunning with the same --workdir resumes: finished candidates are read back, an interrupted
 one continues from its checkpoint.
 """
-import os
-import sys
-
 import ml_collections
 
-# The repository root, so that `configs` imports as a package from any working directory.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs import default  # noqa: E402
-from configs.experiments import _quick_recipe  # noqa: E402
+from efficientnet_jax import configs_lib
 
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
   # The recipe every candidate trains with, and the baseline: train.model, train.width,
   # train.depth and train.resolution are the network that phi = 0 denotes.
-  config.train = default.get_config()
+  config.train = configs_lib.default_config()
   # The search budget: a shortened schedule, enough to rank candidates, not to reach the
   # published accuracy. The paper does not state its step-1 budget.
   config.train.num_epochs = 30.0
@@ -58,7 +52,7 @@ def get_config(arg=None):
   config.phi = 0
 
   if arg == 'quick':
-    config.train = _quick_recipe.quick_recipe()
+    config.train = configs_lib.quick_study_recipe()
     # Three candidates on the constraint: depth only (2, 1, 1), resolution only (1, 1, 1.4)
     # and the paper's (1.2, 1.1, 1.15).
     config.alphas = (1.0, 1.2, 2.0)

@@ -20,15 +20,9 @@ Quick version (four tiny MobileNetV1 rows trained on the offline digits):
 
   python experiments/scale_baselines.py --quick --workdir=/tmp/scale_baselines
 """
-import os
-import sys
-
 import ml_collections
 
-# The repository root, so that `configs` imports as a package from any working directory.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs import default  # noqa: E402
-from configs.experiments import _quick_recipe  # noqa: E402
+from efficientnet_jax import configs_lib
 
 
 def get_config(arg=None):
@@ -39,11 +33,11 @@ def get_config(arg=None):
   config.train_models = ()
   # The recipe trained rows use. Its width, depth and resolution are the baseline the rows scale
   # (1, 1, 224 px: the paper's networks); `model` is replaced by each row's model.
-  config.train = default.get_config()
+  config.train = configs_lib.default_config()
 
   if arg == 'quick':
     config.train_models = ('mobilenet-v1',)
-    config.train = _quick_recipe.quick_recipe()
+    config.train = configs_lib.quick_study_recipe()
   elif arg:
     raise ValueError(f"Unknown config argument {arg!r}. Valid arguments: 'quick'.")
   return config

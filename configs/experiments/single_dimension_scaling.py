@@ -22,22 +22,16 @@ Quick version (tiny B0 on the offline digits; five networks, about 90 CPU-second
 
 Both modes may share a --workdir: a network two curves have in common is trained once.
 """
-import os
-import sys
-
 import ml_collections
 
-# The repository root, so that `configs` imports as a package from any working directory.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs import default  # noqa: E402
-from configs.experiments import _quick_recipe  # noqa: E402
+from efficientnet_jax import configs_lib
 
 
 def get_config(arg=None):
   config = ml_collections.ConfigDict()
   # The recipe every network trains with, and the baseline (train.model, width, depth,
   # resolution): every multiplier below is relative to it.
-  config.train = default.get_config()
+  config.train = configs_lib.default_config()
   # 'dimensions' (Figures 3 and 8) or 'width_at_depth_resolution' (Figure 4).
   config.mode = 'dimensions'
   # Which curves 'dimensions' draws: any of 'width', 'depth', 'resolution', 'compound'.
@@ -59,7 +53,7 @@ def get_config(arg=None):
   config.log_madds = False
 
   if arg == 'quick':
-    config.train = _quick_recipe.quick_recipe()
+    config.train = configs_lib.quick_study_recipe()
     config.widths = (1.0, 1.4)
     config.depths = (1.0, 2.0)
     config.resolutions = (1.0, 1.4)

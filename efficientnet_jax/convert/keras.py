@@ -41,8 +41,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from efficientnet_jax.convert.mapping import (TF_AXES, TF_BN, TF_DEPTHWISE, TF_PARAM,
-                                            ConversionError, SourceLayout, block_order,
-                                            convert_tensors, top_order)
+                                            ConversionError, SourceLayout, convert_tensors,
+                                            resolve_model_name)
+from efficientnet_jax.models import naming
 
 # The Keras applications builders, by our variant name. Keras ships B0-B7 only.
 KERAS_BUILDERS = {f'efficientnet-b{i}': f'EfficientNetB{i}' for i in range(8)}
@@ -52,7 +53,6 @@ KERAS_BUILDERS = {f'efficientnet-b{i}': f'EfficientNetB{i}' for i in range(8)}
 # `keras_normalization` folds them into one per-channel affine map.
 _PREPROCESSING_CLASSES = ('Rescaling', 'Normalization')
 
-_BLOCK_RE = re.compile(r'^block(\d+)([a-z]|_\d+)_(\w+)$')
 _NAME_RE = re.compile(r'efficientnet[-_]?(b\d|l2|lite\d)$', re.IGNORECASE)
 
 
@@ -140,14 +140,16 @@ def keras_layer_weights(keras_model) -> dict[str, KerasLayerWeights]:
   return result
 
 
+def _our_path(layer_name: str) -> tuple[str, ...]:
+  """Our module path of a Keras layer name: 'block2a_expand_conv' -> ('block2a', 'expand_conv')."""
+  block, _, inner = layer_name.partition('_')
+  return (block, inner) if inner and naming.parse_block_name(block) else (layer_name,)
+
+
 def _keras_position(layer_name: str, modules) -> tuple:
   """Sort key of a Keras layer name in network order: stem -> blocks -> head."""
-  match = _BLOCK_RE.match(layer_name)
-  if match:
-    stage, letter, inner = match.groups()
-    repeat = ord(letter) - ord('a') if len(letter) == 1 else int(letter[1:])
-    return block_order(modules, stage=int(stage) - 1, repeat=repeat, our_layer=inner)
-  return top_order(layer_name)
+  del modules  # Keras names say their stage and repeat
+  return naming.path_order(_our_path(layer_name))
 
 
 # Keras layer names are our module paths joined by '_': ('block1a', 'dwconv') -> 'block1a_dwconv'.
@@ -180,37 +182,29 @@ def convert_keras_weights(layers: Mapping[str, KerasLayerWeights], model_name: s
 def infer_model_name(keras_model) -> str:
   """Our variant name for a Keras EfficientNet, from its name or else its structure.
 
-  keras.applications names the models 'efficientnetb0'..'efficientnetb7'. A renamed model is
-  matched by its stem width, head width and number of blocks per stage against B0-B7.
+  keras.applications names the models 'efficientnetb0'..'efficientnetb7'; a renamed model is
+  matched by its structure (`naming.infer_model_name`).
   """
   match = _NAME_RE.search(keras_model.name)
   if match:
     return f'efficientnet-{match.group(1).lower()}'
-  from efficientnet_jax.models import create_model, round_filters
-  from efficientnet_jax.models.variants import HEAD_FILTERS, STEM_FILTERS
-
-  names = {layer.name for layer in keras_model.layers}
   repeats: dict[int, int] = {}
-  for name in names:
-    m = _BLOCK_RE.match(name)
-    if m and m.group(3) == 'project_conv':
-      repeats[int(m.group(1))] = repeats.get(int(m.group(1)), 0) + 1
-  observed = tuple(repeats[s] for s in sorted(repeats))
+  for layer in keras_model.layers:
+    path = _our_path(layer.name)
+    if path[-1] == 'project_conv' and len(path) == 2:
+      stage = naming.parse_block_name(path[0])[0]
+      repeats[stage] = repeats.get(stage, 0) + 1
   try:
     stem = keras_model.get_layer('stem_conv').get_weights()[0].shape[-1]
-    head = keras_model.get_layer('top_conv').get_weights()[0].shape[-1]
+    head_in, head = keras_model.get_layer('top_conv').get_weights()[0].shape[-2:]
   except ValueError:
-    stem = head = None
-  for name in KERAS_BUILDERS:
-    model = create_model(name)
-    plan = tuple(r for r, _ in model.stage_plan())
-    if (plan == observed and stem == round_filters(STEM_FILTERS, model.width_coefficient)
-        and head == round_filters(HEAD_FILTERS, model.width_coefficient)):
-      return name
-  raise KerasConversionError(
-      f'Cannot tell which EfficientNet the Keras model {keras_model.name!r} is: its name is not '
-      f"'efficientnetb0'..'efficientnetb7' and its structure (stem {stem}, head {head} "
-      f'channels, blocks per stage {observed}) matches none of B0-B7. Pass model_name=.')
+    stem = head = head_in = None
+  has_se = any(layer.name.endswith('_se_reduce') for layer in keras_model.layers)
+  return naming.infer_model_name(
+      stem_filters=stem, head_filters=head, head_in_filters=head_in,
+      repeats=[repeats[s] for s in sorted(repeats)], has_se=has_se,
+      source=f'the Keras model {keras_model.name!r} (its name is not efficientnetb0..b7)',
+      error=KerasConversionError)
 
 
 def convert_keras_model(keras_model, model_name: str | None = None,
@@ -228,16 +222,8 @@ def convert_keras_model(keras_model, model_name: str | None = None,
     logits; a Keras model built with the default classifier_activation='softmax' returns
     probabilities from the same logits.
   """
-  hint = ''
-  if model_name is None:
-    model_name = infer_model_name(keras_model)
-  else:
-    try:
-      looks_like = infer_model_name(keras_model)
-    except KerasConversionError:
-      looks_like = None
-    if looks_like and looks_like != model_name:
-      hint = f'The Keras model looks like {looks_like}, not {model_name}. '
+  model_name, hint = resolve_model_name(model_name, lambda: infer_model_name(keras_model),
+                                       KerasConversionError)
   layers = keras_layer_weights(keras_model)
   if num_classes is None:
     if 'predictions' not in layers or 'kernel' not in layers['predictions'].weights:

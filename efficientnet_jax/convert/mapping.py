@@ -18,22 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from efficientnet_jax.models import create_model, naming
+
 KINDS = ('conv', 'depthwise', 'bn', 'dense')
-# Our layer names inside one MBConv block, in the order the block applies them.
-BLOCK_LAYERS = ('expand_conv', 'expand_bn', 'dwconv', 'bn', 'se_reduce', 'se_expand',
-                'project_conv', 'project_bn')
-# Sections of the network, for sorting: stem, blocks, head, then anything unrecognised.
-STEM, BLOCKS, HEAD, OTHER = range(4)
-_TOP_LAYERS = {'stem_conv': (STEM, 0), 'stem_bn': (STEM, 1), 'top_conv': (HEAD, 0),
-               'top_bn': (HEAD, 1), 'predictions': (HEAD, 2)}
-_BLOCK_RE = re.compile(r'^block(\d+)([a-z]|_\d+)$')
-# How many problems an error lists before summarising the rest.
-LIST_LIMIT = 12
 
 
 class ConversionError(ValueError):
@@ -89,26 +80,7 @@ class OurModule:
   @property
   def order(self) -> tuple:
     """Sort key in network order (comparable with `SourceLayout.position`)."""
-    if self.block is None:
-      section, pos = _TOP_LAYERS.get(self.layer, (OTHER, 0))
-      return (section, 0, 0, pos, self.layer)
-    return (BLOCKS, self.block.stage, self.block.repeat, block_inner_position(self.layer),
-            self.layer)
-
-
-def path_order(path: Sequence[str]) -> tuple:
-  """Network-order sort key of one of our module paths, ('block2a', 'dwconv') or ('top_bn',)."""
-  match = _BLOCK_RE.match(path[0]) if len(path) >= 2 else None
-  if match:
-    stage, letter = match.groups()
-    repeat = ord(letter) - ord('a') if len(letter) == 1 else int(letter[1:])
-    return (BLOCKS, int(stage) - 1, repeat, block_inner_position(path[1]), path[1])
-  return top_order(path[0])
-
-
-def block_inner_position(layer: str) -> int:
-  """The position of one of our block layer names inside a block (for sorting)."""
-  return BLOCK_LAYERS.index(layer) if layer in BLOCK_LAYERS else len(BLOCK_LAYERS)
+    return naming.path_order(self.path)
 
 
 def _kind(layer: str) -> str:
@@ -124,31 +96,15 @@ def _kind(layer: str) -> str:
 @functools.lru_cache(maxsize=32)
 def _expected_modules_cached(model_name: str, num_classes: int,
                              overrides: tuple[tuple[str, Any], ...]) -> tuple[OurModule, ...]:
-  import jax
-  import jax.numpy as jnp
-
-  from efficientnet_jax.models import create_model
-
   model = create_model(model_name, num_classes=num_classes, **dict(overrides))
-  # The variables depend neither on conv_impl nor on the input size, which only has to survive
-  # the network's total stride; 'xla' keeps the abstract trace short.
-  size = max(32, model.total_stride)
-  model = model.clone(conv_impl='xla')
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
   variables: dict[tuple[str, ...], dict[tuple[str, str], tuple[int, ...]]] = {}
-  for collection in ('params', 'batch_stats'):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(shapes.get(collection, {})):
-      keys = tuple(entry.key for entry in path)
-      variables.setdefault(keys[:-1], {})[(collection, keys[-1])] = tuple(leaf.shape)
+  for name, shape in naming.variable_shapes(model).items():
+    collection, *path, var = name.split('/')
+    variables.setdefault(tuple(path), {})[(collection, var)] = shape
 
   # Global block indices: blocks sorted by (stage, repeat).
-  blocks = {}
-  for path in variables:
-    match = _BLOCK_RE.match(path[0]) if len(path) == 2 else None
-    if match:
-      stage, letter = match.groups()
-      repeat = ord(letter) - ord('a') if len(letter) == 1 else int(letter[1:])
-      blocks[path[0]] = (int(stage) - 1, repeat)
+  blocks = {path[0]: naming.parse_block_name(path[0]) for path in variables
+            if len(path) == 2 and naming.parse_block_name(path[0])}
   index = {name: i for i, name in enumerate(sorted(blocks, key=blocks.get))}
   modules = []
   for path, wanted in variables.items():
@@ -156,7 +112,7 @@ def _expected_modules_cached(model_name: str, num_classes: int,
     if path[0] in blocks:
       layers = {p[1] for p in variables if p[0] == path[0]}
       stage, repeat = blocks[path[0]]
-      block = BlockPosition(stage, repeat, index[path[0]], 'expand_conv' in layers,
+      block = BlockPosition(stage - 1, repeat, index[path[0]], 'expand_conv' in layers,
                             'se_reduce' in layers)
     modules.append(OurModule(path, _kind(path[-1]), block, wanted))
   return tuple(sorted(modules, key=lambda m: m.order))
@@ -207,12 +163,6 @@ TF_DEPTHWISE = {('params', 'kernel'): 'depthwise_kernel'}
 TF_AXES = {'conv': None, 'depthwise': (0, 1, 3, 2), 'bn': None, 'dense': None}
 
 
-def top_order(our_layer: str) -> tuple:
-  """Sort key of a stem/head layer given by our name ('stem_conv', 'top_bn', 'predictions')."""
-  section, pos = _TOP_LAYERS.get(our_layer, (OTHER, 0))
-  return (section, 0, 0, pos, our_layer)
-
-
 def block_order(modules: Sequence[OurModule], *, index: int | None = None,
                 stage: int | None = None, repeat: int = 0, our_layer: str = '') -> tuple:
   """Sort key of a source layer inside a block given by global `index` or by `stage`/`repeat`.
@@ -222,22 +172,13 @@ def block_order(modules: Sequence[OurModule], *, index: int | None = None,
   if index is not None:
     positions = {m.block.index: (m.block.stage, m.block.repeat) for m in modules if m.block}
     stage, repeat = positions.get(index, (1_000_000 + index, 0))
-  return (BLOCKS, stage, repeat, block_inner_position(our_layer), our_layer)
+  return naming.block_order(stage, repeat, our_layer)
 
 
 def split_name(name: str, separator: str) -> tuple[str, str]:
   """'_blocks.1._bn0.weight' -> ('_blocks.1._bn0', 'weight')."""
   layer, _, weight = name.rpartition(separator)
   return layer, weight
-
-
-def format_problems(problems: Sequence[tuple[tuple, str]], limit: int = LIST_LIMIT) -> str:
-  """The first `limit` (sort key, text) problems in network order, one per line."""
-  ordered = [text for _, text in sorted(problems, key=lambda p: p[0])]
-  lines = [f'  {text}' for text in ordered[:limit]]
-  if len(ordered) > limit:
-    lines.append(f'  ... and {len(ordered) - limit} more')
-  return '\n'.join(lines)
 
 
 def convert_tensors(tensors: Mapping[str, Any], layout: SourceLayout, model_name: str,
@@ -315,59 +256,62 @@ def convert_tensors(tensors: Mapping[str, Any], layout: SourceLayout, model_name
                                              f'{tuple(np.shape(value))} has no place in '
                                              f'{model_name}'))
   if problems:
+    ordered = [text for _, text in sorted(problems, key=lambda p: p[0])]
     raise error(
         f'Cannot convert {source} into {model_name} with {num_classes} classes: '
-        f'{len(problems)} problem(s), first in network order:\n{format_problems(problems)}\n'
+        f'{len(problems)} problem(s), first in network order:\n{naming.format_problems(ordered)}\n'
         f'{hint}Check that the model name matches the checkpoint\'s variant and that the '
-        'checkpoint holds the whole network with its classifier.',
-        [text for _, text in sorted(problems, key=lambda p: p[0])])
+        'checkpoint holds the whole network with its classifier.', ordered)
   return variables
 
 
-def _stem_head_filters(model) -> tuple[int, int]:
-  from efficientnet_jax.models import round_filters
-  from efficientnet_jax.models.variants import HEAD_FILTERS, STEM_FILTERS
+def resolve_model_name(model_name: str | None, infer: Callable[[], str],
+                       error: type[ConversionError]) -> tuple[str, str]:
+  """(model name, hint for errors): the given name, else the one `infer` reads off the weights.
 
-  if model.fix_stem_head:
-    return STEM_FILTERS, HEAD_FILTERS
-  return (round_filters(STEM_FILTERS, model.width_coefficient),
-          round_filters(HEAD_FILTERS, model.width_coefficient))
-
-
-def infer_model_name(*, stem_filters: int, head_filters: int, head_in_filters: int,
-                     repeats: int | Sequence[int], has_se: bool, source: str,
-                     error: type[ConversionError] = ConversionError) -> str:
-  """Our variant whose structure matches a checkpoint's: widths, blocks, squeeze-excite.
-
-  `head_in_filters` is the last block's output width (the head conv's input): Lite fixes its stem
-  and head widths, and Lite1 and Lite2 have the same blocks, so only this tells them apart.
-  `repeats` is the number of blocks per stage, or only the total where the checkpoint does not
-  group blocks by stage. Raises `error` when no variant, or more than one, matches.
+  When both exist and disagree, the hint says what the checkpoint looks like.
   """
-  from efficientnet_jax.models import VARIANTS, create_model
+  looks_like = None
+  try:
+    looks_like = infer()
+  except error:
+    if model_name is None:
+      raise
+  if model_name is None:
+    return looks_like, ''
+  if looks_like and looks_like != model_name:
+    return model_name, f'The checkpoint looks like {looks_like}, not {model_name}. '
+  return model_name, ''
 
-  matches = []
-  for name in VARIANTS:
-    model = create_model(name)
-    plan = tuple(r for r, _ in model.stage_plan())
-    # Compare per stage where the checkpoint tells stages apart, else the total.
-    if isinstance(repeats, int):
-      if sum(plan) != repeats:
-        continue
-    elif tuple(repeats) != plan:
-      continue
-    if _stem_head_filters(model) != (stem_filters, head_filters):
-      continue
-    if model.stage_plan()[-1][1].out_filters != head_in_filters:
-      continue
-    if has_se != any(0 < args.se_ratio <= 1 for _, args in model.stage_plan()):
-      continue
-    matches.append(name)
-  if len(matches) != 1:
-    what = ('no variant' if not matches else f'several variants ({", ".join(matches)})')
-    raise error(
-        f'Cannot tell which EfficientNet {source} is: {what} has stem {stem_filters}, last block '
-        f'{head_in_filters} and head {head_filters} channels, blocks {repeats} and '
-        f'{"" if has_se else "no "}'
-        'squeeze-excite. Pass the model name explicitly (--model=...).')
-  return matches[0]
+
+def infer_from_tensors(tensors: Mapping[str, np.ndarray], *, stem: str, head: str,
+                       repeats: int | Sequence[int], se_marker: str, source: str,
+                       error: type[ConversionError], not_this_format: str) -> str:
+  """Our variant for a PyTorch-layout checkpoint (OIHW kernels), from its structure.
+
+  `stem` and `head` name the stem and head conv kernels, `se_marker` a substring only
+  squeeze-excite tensors have; `not_this_format` ends the error when they are missing.
+  """
+  try:
+    stem_filters = tensors[stem].shape[0]
+    head_filters, head_in = tensors[head].shape[:2]
+  except KeyError:
+    raise error(f'{source} has no {stem}/{head}, so it is not {not_this_format}') from None
+  return naming.infer_model_name(
+      stem_filters=stem_filters, head_filters=head_filters, head_in_filters=head_in,
+      repeats=repeats, has_se=any(se_marker in name for name in tensors), source=source,
+      error=error)
+
+
+def convert_inferring_model(tensors: Mapping[str, np.ndarray], layout: SourceLayout, *,
+                            model_name: str | None, num_classes: int | None, classifier: str,
+                            infer: Callable[[], str], source: str,
+                            error: type[ConversionError]) -> tuple[dict[str, Any], str]:
+  """`convert_tensors` with the model name from `infer` and the classes from `classifier`'s
+  weight when not given; returns (variables, model_name)."""
+  model_name, hint = resolve_model_name(model_name, infer, error)
+  if num_classes is None:
+    num_classes = int(tensors[classifier].shape[0]) if classifier in tensors else 1000
+  variables = convert_tensors(tensors, layout, model_name, num_classes, source=source, hint=hint,
+                              error=error)
+  return variables, model_name

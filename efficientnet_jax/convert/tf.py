@@ -38,7 +38,9 @@ import numpy as np
 
 from efficientnet_jax.convert.mapping import (TF_AXES, TF_BN, TF_DEPTHWISE, TF_PARAM,
                                             ConversionError, ConvertedCheckpoint, SourceLayout,
-                                            block_order, convert_tensors, top_order)
+                                            block_order, convert_tensors)
+from efficientnet_jax.models import VARIANTS
+from efficientnet_jax.models.naming import top_order
 
 EMA_SUFFIX = 'ExponentialMovingAverage'
 # Slots an optimizer adds beside each variable: state of training, not weights.
@@ -171,8 +173,6 @@ def convert_tf_variables(variables: Mapping[str, np.ndarray], model_name: str | 
 
   Returns (variables, model_name, number of tensors taken from EMA shadows).
   """
-  from efficientnet_jax.models import VARIANTS
-
   scopes = checkpoint_scopes(variables)
   # The scope is the model's name; a checkpoint under another single scope is still converted
   # (and then fails listing the mismatched tensors unless the architectures agree).

@@ -36,8 +36,10 @@ import numpy as np
 
 from efficientnet_jax.convert.mapping import (TORCH_AXES, TORCH_BN, TORCH_PARAM,
                                             ConversionError, ConvertedCheckpoint, SourceLayout,
-                                            block_order, convert_tensors, infer_model_name,
-                                            top_order)
+                                            block_order, convert_inferring_model,
+                                            infer_from_tensors)
+from efficientnet_jax.models import get_variant
+from efficientnet_jax.models.naming import top_order
 from efficientnet_jax.convert.torch import read_state_dict, state_dict_to_numpy
 
 TOP_LAYERS = {'stem_conv': 'conv_stem', 'stem_bn': 'bn1', 'top_conv': 'conv_head',
@@ -87,14 +89,6 @@ TIMM_LAYOUT = SourceLayout(
 def infer_timm_model_name(tensors: Mapping[str, np.ndarray], source: str = 'the checkpoint'
                           ) -> str:
   """Our variant name from the structure of a timm tf_efficientnet state dict."""
-  try:
-    stem = tensors['conv_stem.weight'].shape[0]
-    head, head_in = tensors['conv_head.weight'].shape[:2]
-  except KeyError:
-    raise TimmConversionError(
-        f'{source} has no conv_stem.weight/conv_head.weight, so it is not a timm EfficientNet '
-        'checkpoint (efficientnet_pytorch checkpoints use _conv_stem: pass --source=torch).'
-    ) from None
   repeats: dict[int, int] = {}
   for name in tensors:
     match = _BLOCK_RE.match(name.rpartition('.')[0])
@@ -102,10 +96,11 @@ def infer_timm_model_name(tensors: Mapping[str, np.ndarray], source: str = 'the 
       stage, repeat = int(match.group(1)), int(match.group(2))
       repeats[stage] = max(repeats.get(stage, 0), repeat + 1)
   per_stage = [repeats.get(s, 0) for s in range(max(repeats) + 1)] if repeats else []
-  has_se = any('.se.conv_reduce.' in name for name in tensors)
-  return infer_model_name(stem_filters=stem, head_filters=head, head_in_filters=head_in,
-                          repeats=per_stage, has_se=has_se,
-                          source=source, error=TimmConversionError)
+  return infer_from_tensors(
+      tensors, stem='conv_stem.weight', head='conv_head.weight', repeats=per_stage,
+      se_marker='.se.conv_reduce.', source=source, error=TimmConversionError,
+      not_this_format='a timm EfficientNet checkpoint (efficientnet_pytorch checkpoints use '
+                      '_conv_stem: pass --source=torch).')
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | None = None,
@@ -117,29 +112,15 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | None = N
   from the tensors when not given.
   """
   tensors = state_dict_to_numpy(state_dict, source)
-  hint, looks_like = '', None
-  try:
-    looks_like = infer_timm_model_name(tensors, source)
-  except TimmConversionError:
-    if model_name is None:
-      raise
-  if model_name is None:
-    model_name = looks_like
-  elif looks_like and looks_like != model_name:
-    hint = f'The checkpoint looks like {looks_like}, not {model_name}. '
-  if num_classes is None:
-    num_classes = (int(tensors['classifier.weight'].shape[0]) if 'classifier.weight' in tensors
-                   else 1000)
-  variables = convert_tensors(tensors, TIMM_LAYOUT, model_name, num_classes, source=source,
-                              hint=hint, error=TimmConversionError)
-  return variables, model_name
+  return convert_inferring_model(
+      tensors, TIMM_LAYOUT, model_name=model_name, num_classes=num_classes,
+      classifier='classifier.weight', infer=lambda: infer_timm_model_name(tensors, source),
+      source=source, error=TimmConversionError)
 
 
 def timm_preprocessing(model_name: str, pretrained_cfg: Mapping[str, Any] | None = None
                        ) -> dict[str, Any]:
   """`pretrained.save` preprocessing overrides for timm weights (see the module doc)."""
-  from efficientnet_jax.models import get_variant
-
   spec = get_variant(model_name)
   if pretrained_cfg is None:
     if not spec.lite:

@@ -36,8 +36,9 @@ import numpy as np
 
 from efficientnet_jax.convert.mapping import (TORCH_AXES, TORCH_BN, TORCH_PARAM,
                                             ConversionError, ConvertedCheckpoint, SourceLayout,
-                                            block_order, convert_tensors, infer_model_name,
-                                            top_order)
+                                            block_order, convert_inferring_model,
+                                            infer_from_tensors)
+from efficientnet_jax.models.naming import top_order
 
 # Our layer name <- lukemelas module name, at the top level and inside `_blocks.N`.
 TOP_LAYERS = {'stem_conv': '_conv_stem', 'stem_bn': '_bn0', 'top_conv': '_conv_head',
@@ -126,20 +127,13 @@ def state_dict_to_numpy(state_dict: Mapping[str, Any], source: str = 'the state 
 def infer_torch_model_name(tensors: Mapping[str, np.ndarray], source: str = 'the checkpoint'
                            ) -> str:
   """Our variant name from the structure of a lukemelas/Lite state dict."""
-  try:
-    stem = tensors['_conv_stem.weight'].shape[0]
-    head, head_in = tensors['_conv_head.weight'].shape[:2]
-  except KeyError:
-    raise TorchConversionError(
-        f'{source} has no _conv_stem.weight/_conv_head.weight, so it is not an '
-        'efficientnet_pytorch-style checkpoint (timm checkpoints use conv_stem: pass '
-        '--source=timm).') from None
   blocks = {int(m.group(1)) for m in map(_BLOCK_RE.match, (n.rpartition('.')[0] for n in tensors))
             if m}
-  has_se = any('._se_reduce.' in name for name in tensors)
-  return infer_model_name(stem_filters=stem, head_filters=head, head_in_filters=head_in,
-                          repeats=len(blocks), has_se=has_se,
-                          source=source, error=TorchConversionError)
+  return infer_from_tensors(
+      tensors, stem='_conv_stem.weight', head='_conv_head.weight', repeats=len(blocks),
+      se_marker='._se_reduce.', source=source, error=TorchConversionError,
+      not_this_format='an efficientnet_pytorch-style checkpoint (timm checkpoints use conv_stem: '
+                      'pass --source=timm).')
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | None = None,
@@ -151,22 +145,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | None = N
   the tensors when not given.
   """
   tensors = state_dict_to_numpy(state_dict, source)
-  hint = ''
-  looks_like = None
-  try:
-    looks_like = infer_torch_model_name(tensors, source)
-  except TorchConversionError:
-    if model_name is None:
-      raise
-  if model_name is None:
-    model_name = looks_like
-  elif looks_like and looks_like != model_name:
-    hint = f'The checkpoint looks like {looks_like}, not {model_name}. '
-  if num_classes is None:
-    num_classes = int(tensors['_fc.weight'].shape[0]) if '_fc.weight' in tensors else 1000
-  variables = convert_tensors(tensors, TORCH_LAYOUT, model_name, num_classes, source=source,
-                              hint=hint, error=TorchConversionError)
-  return variables, model_name
+  return convert_inferring_model(
+      tensors, TORCH_LAYOUT, model_name=model_name, num_classes=num_classes,
+      classifier='_fc.weight', infer=lambda: infer_torch_model_name(tensors, source),
+      source=source, error=TorchConversionError)
 
 
 def load_torch_checkpoint(path: str, model_name: str | None = None,

@@ -5,24 +5,61 @@ Submodule names follow the Keras applications model (`stem_conv`, `block2a/expan
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from efficientnet_jax.models import layers
-from efficientnet_jax.models.scaling import round_filters, round_repeats
-from efficientnet_jax.models.variants import HEAD_FILTERS, STEM_FILTERS, BlockArgs
+from efficientnet_jax.models.naming import block_name
+from efficientnet_jax.models.scaling import scaled_stages, stem_head_filters
+from efficientnet_jax.models.variants import BlockArgs
+
+__all__ = ['EfficientNet', 'MBConvBlock', 'MBConvOps', 'block_name', 'has_residual', 'mbconv']
+
+Op = Callable[[jax.Array], jax.Array]
 
 
-def block_name(stage: int, index: int) -> str:
-  """Keras naming: 'block{stage}{letter}', stages counted from 1, repeats lettered from 'a'."""
-  letter = chr(ord('a') + index) if index < 26 else f'_{index}'
-  return f'block{stage}{letter}'
+def has_residual(stride: int, in_filters: int, out_filters: int) -> bool:
+  """The identity skip (and so stochastic depth) exists only where the shapes allow it."""
+  return stride == 1 and in_filters == out_filters
+
+
+class MBConvOps(NamedTuple):
+  """The weight-bearing steps of one MBConv block, each `x -> pre-activation output`.
+
+  The Flax module binds them to conv + BatchNorm submodules; the folded inference path
+  (`folding.py`) to convs with BatchNorm folded into a bias. `mbconv` is the one forward pass.
+  """
+  expand: Op | None  # 1x1 conv + BN; None when the expand ratio is 1
+  depthwise: Op  # kxk depthwise conv (the block's stride) + BN
+  se_reduce: Op | None  # 1x1 conv with bias on the pooled features; None without SE
+  se_expand: Op | None
+  project: Op  # 1x1 conv + BN, no activation after it
+
+
+def mbconv(inputs: jax.Array, ops: MBConvOps, *, stride: int, act: Op,
+           drop_path: Op = lambda x: x) -> jax.Array:
+  """Inverted residual block: expand 1x1 -> depthwise kxk -> squeeze-excite -> project 1x1.
+
+  `drop_path` is applied to the residual branch (stochastic depth in training).
+  """
+  x = inputs
+  if ops.expand is not None:
+    x = act(ops.expand(x))
+  x = act(ops.depthwise(x))
+  if ops.se_reduce is not None:
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    x = x * nn.sigmoid(ops.se_expand(act(ops.se_reduce(s))))
+  x = ops.project(x)
+  if has_residual(stride, inputs.shape[-1], x.shape[-1]):
+    x = drop_path(x) + inputs
+  return x
 
 
 class MBConvBlock(nn.Module):
-  """Inverted residual block: expand 1x1 -> depthwise kxk -> squeeze-excite -> project 1x1."""
+  """One MBConv block (`mbconv`) with TF-named conv and BatchNorm submodules."""
   in_filters: int
   out_filters: int
   kernel_size: int
@@ -39,28 +76,25 @@ class MBConvBlock(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train: bool):
-    act = layers.activation_fn(self.activation)
     bn = lambda name: layers.BatchNorm(self.bn_momentum, self.bn_epsilon, self.bn_group_size,
                                        self.dtype, name=name)
     conv = lambda features, name, **kw: layers.Conv2D(
         features, conv_impl=self.conv_impl, dtype=self.dtype, name=name, **kw)
-    x = inputs
     expanded = self.in_filters * self.expand_ratio
-    if self.expand_ratio != 1:
-      x = act(bn('expand_bn')(conv(expanded, 'expand_conv')(x), train))
-    x = layers.DepthwiseConv2D(self.kernel_size, self.stride, self.conv_impl, self.dtype,
-                               name='dwconv')(x)
-    x = act(bn('bn')(x, train))
-    if 0 < self.se_ratio <= 1:
-      # Squeezed from the block's *input* channels, not the expanded ones (official code).
-      squeezed = max(1, int(self.in_filters * self.se_ratio))
-      s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = act(conv(squeezed, 'se_reduce', use_bias=True)(s))
-      x = x * nn.sigmoid(conv(expanded, 'se_expand', use_bias=True)(s))
-    x = bn('project_bn')(conv(self.out_filters, 'project_conv')(x), train)
-    if self.stride == 1 and self.in_filters == self.out_filters:
-      x = layers.stochastic_depth(self, x, self.drop_rate, train) + inputs
-    return x
+    # Squeezed from the block's *input* channels, not the expanded ones (official code).
+    squeezed = max(1, int(self.in_filters * self.se_ratio))
+    has_se = 0 < self.se_ratio <= 1
+    dwconv = layers.DepthwiseConv2D(self.kernel_size, self.stride, self.conv_impl, self.dtype,
+                                    name='dwconv')
+    ops = MBConvOps(
+        expand=((lambda x: bn('expand_bn')(conv(expanded, 'expand_conv')(x), train))
+                if self.expand_ratio != 1 else None),
+        depthwise=lambda x: bn('bn')(dwconv(x), train),
+        se_reduce=(lambda s: conv(squeezed, 'se_reduce', use_bias=True)(s)) if has_se else None,
+        se_expand=(lambda s: conv(expanded, 'se_expand', use_bias=True)(s)) if has_se else None,
+        project=lambda x: bn('project_bn')(conv(self.out_filters, 'project_conv')(x), train))
+    return mbconv(inputs, ops, stride=self.stride, act=layers.activation_fn(self.activation),
+                  drop_path=lambda x: layers.stochastic_depth(self, x, self.drop_rate, train))
 
 
 class EfficientNet(nn.Module):
@@ -89,16 +123,8 @@ class EfficientNet(nn.Module):
 
   def stage_plan(self) -> list[tuple[int, BlockArgs]]:
     """The scaled (repeats, block args) of each stage, in real channels."""
-    plan = []
-    for stage, args in enumerate(self.blocks):
-      fixed = self.fix_stem_head and stage in (0, len(self.blocks) - 1)
-      repeats = args.repeats if fixed else round_repeats(args.repeats, self.depth_coefficient)
-      scaled = BlockArgs(
-          repeats, args.kernel_size, args.stride, args.expand_ratio,
-          round_filters(args.in_filters, self.width_coefficient),
-          round_filters(args.out_filters, self.width_coefficient), args.se_ratio)
-      plan.append((repeats, scaled))
-    return plan
+    return scaled_stages(self.blocks, self.width_coefficient, self.depth_coefficient,
+                         fixed_ends=self.fix_stem_head)
 
   @property
   def total_stride(self) -> int:
@@ -111,10 +137,7 @@ class EfficientNet(nn.Module):
     bn = lambda name: layers.BatchNorm(self.bn_momentum, self.bn_epsilon, self.bn_group_size,
                                        self.dtype, name=name)
     plan = self.stage_plan()
-    stem_filters = STEM_FILTERS if self.fix_stem_head else round_filters(
-        STEM_FILTERS, self.width_coefficient)
-    head_filters = HEAD_FILTERS if self.fix_stem_head else round_filters(
-        HEAD_FILTERS, self.width_coefficient)
+    stem_filters, head_filters = stem_head_filters(self.width_coefficient, self.fix_stem_head)
 
     x = layers.Conv2D(stem_filters, 3, self.stem_stride, conv_impl=self.conv_impl,
                       dtype=self.dtype, name='stem_conv')(images)

@@ -7,11 +7,8 @@ bias. `fold_batch_norm` does that once, as a pure (differentiable) transformatio
 variables, and `folded_steps` runs the network on the folded parameters as plain JAX functions,
 one step per stem / block / head.
 
-Measured on the 2-core CPU (B0, batch 32, 224 px), folding by itself is about neutral: XLA already
-fuses BN's multiply-add into the pass that applies the swish. What the step list buys is
-`make_inference_fn`'s per-stage chunking: the high-resolution early blocks run one or two images
-at a time (their activations are then cache-sized) and the low-resolution rest in chunks of 8,
-which a single Flax `apply` per chunk cannot do.
+It exists for `make_inference_fn`'s CPU path, which chunks the step list by resolution (see
+docs/performance.md for what was measured).
 """
 from __future__ import annotations
 
@@ -22,7 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from efficientnet_jax.models import layers
-from efficientnet_jax.models.efficientnet import EfficientNet, block_name
+from efficientnet_jax.models.efficientnet import EfficientNet, MBConvOps, mbconv
+from efficientnet_jax.models.naming import block_name
 
 
 def _fold(kernel: jax.Array, bn_params: dict, bn_stats: dict, eps: float):
@@ -68,26 +66,23 @@ def _conv(x, p, stride=1):
 
 
 def _mbconv(x, p, stride: int, act):
-  """One MBConv block (see efficientnet.MBConvBlock) with BN folded into its convs."""
-  inputs = x
-  kernel = p['dwconv']['kernel']
-  if 'expand_conv' in p:
-    # The activation and the zero border in one pass, written once: left to itself XLA:CPU
-    # computes the sigmoid in one pass and the product and padding in another (it will not repeat
-    # the sigmoid in each of the k*k taps that read it). Measured 1.04x on B0 at batch 32.
-    xp = layers.pad_for_depthwise(act(_conv(x, p['expand_conv'])), kernel.shape[0], stride)
-    xp = lax.optimization_barrier(xp)
-  else:  # the input is already in memory: the padding fuses into the taps' loop
+  """One MBConv block (`efficientnet.mbconv`) on folded parameters: convs with a bias."""
+  kernel, expanded = p['dwconv']['kernel'], 'expand_conv' in p
+
+  def depthwise(x):
     xp = layers.pad_for_depthwise(x, kernel.shape[0], stride)
-  x = act(layers.depthwise_taps(xp, kernel, stride) + p['dwconv']['bias'])
-  if 'se_reduce' in p:
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = act(_conv(s, p['se_reduce']))
-    x = x * jax.nn.sigmoid(_conv(s, p['se_expand']))
-  x = _conv(x, p['project_conv'])
-  if stride == 1 and inputs.shape[-1] == x.shape[-1]:
-    x = x + inputs
-  return x
+    if expanded:
+      # The expand conv's activation and this zero border in one pass, written once: left to
+      # itself XLA:CPU computes the activation in one pass and the padding in another (see
+      # docs/performance.md). An unexpanded input is already in memory, and its padding fuses
+      # into the taps' loop.
+      xp = lax.optimization_barrier(xp)
+    return layers.depthwise_taps(xp, kernel, stride) + p['dwconv']['bias']
+
+  conv = lambda name: (lambda x: _conv(x, p[name])) if name in p else None
+  ops = MBConvOps(expand=conv('expand_conv'), depthwise=depthwise, se_reduce=conv('se_reduce'),
+                  se_expand=conv('se_expand'), project=conv('project_conv'))
+  return mbconv(x, ops, stride=stride, act=act)
 
 
 def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, jax.Array],

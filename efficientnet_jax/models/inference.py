@@ -1,22 +1,12 @@
 """Fast batched inference: one jitted function, with cache-sized chunks on CPU.
 
-A CPU is memory-bound on EfficientNet's wide, expanded activations: at batch 32 and 224 px a
-single expand conv's output is ~150 MB, far beyond the caches, so each elementwise pass streams
-from DRAM. Running the batch as a sequence of small chunks (`lax.map`, inside one compiled
-program) keeps each chunk's activations in cache and is several times faster there. TPUs and
-GPUs want the whole batch at once, so the chunking is CPU-only by default. In inference mode
-every example is independent (BN uses its running statistics), so chunking changes no result.
-
-For EfficientNet on CPU the default goes one step further: BatchNorm is folded into the convs
-(`folding.py`), which turns the network into a list of per-block steps, and each run of steps is
-chunked by its resolution: the stem and the blocks with feature maps of 28 px or more (in B0 at
-224 px, up to stage 3; their expanded activations hold 1-7 MB per image) run two images at a
-time, the rest in chunks of 8, where a larger chunk amortises the per-step overhead. Measured
-interleaved against the unfolded model in uniform chunks of 8 on the 2-core CPU (B0, batch 32,
-224 px), this is 1.15x (median wall time and CPU time per call alike); the folding alone is
-neutral. One image per chunk up to 56 px, or 4 for the late stages, measured the same within
-noise; chunks of 16 for the late stages were slower. On a CPU with AVX-512 the program is also
-compiled for 512-bit vectors (`xla_cpu.wide_vector_options`): 1.04-1.08x on a Zen 4 EPYC.
+A CPU is memory-bound on EfficientNet's wide expanded activations (at batch 32 and 224 px one
+expand conv's output is ~150 MB), so the batch runs as a sequence of small chunks (`lax.map`
+inside one program) that keep each chunk's activations in cache. On CPU an EfficientNet also runs
+with BatchNorm folded into its convs (`folding.py`), chunked per resolution: the high-resolution
+steps two images at a time, the rest eight. TPUs and GPUs take the whole batch at once. In
+inference every example is independent, so chunking changes no result. What was measured, and
+what was rejected, is in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -81,9 +71,8 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     raise ValueError(
         f'fold_bn=True needs a float32 EfficientNet classifier with CPU convs; got '
         f'{type(model).__name__}. Use fold_bn=False (or "auto").')
-  # 'auto' folds only where it was measured to pay: batches the CPU would chunk anyway. Folding
-  # rescales every kernel on each call (~20 MB of weights for B0), which costs more than it
-  # saves on a handful of small images (measured 0.84x at batch 4, 64 px).
+  # 'auto' folds only where it pays: batches the CPU would chunk anyway. Folding rescales every
+  # kernel on each call, which costs more than it saves on a handful of small images.
   auto_fold = fold_bn == 'auto' and chunk_size == 'auto' and can_fold(model)
   per_stage = chunk_size == 'auto' and jax.default_backend() == 'cpu'
   if chunk_size == 'auto':

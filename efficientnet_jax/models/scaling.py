@@ -5,7 +5,11 @@ resolution by gamma**phi, with alpha * beta**2 * gamma**2 ~= 2 so that FLOPs gro
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Sequence
+
+from efficientnet_jax.models.variants import HEAD_FILTERS, STEM_FILTERS, BlockArgs
 
 # The paper's grid-search result at phi = 1 (section 4, step 1).
 ALPHA, BETA, GAMMA = 1.2, 1.1, 1.15
@@ -57,3 +61,26 @@ def scaled_resolution(phi: float, base_resolution: int = 224, gamma: float = GAM
   """Input resolution for `phi`, optionally rounded to a multiple of `divisor` pixels."""
   resolution = base_resolution * gamma**phi
   return max(divisor, int(round(resolution / divisor)) * divisor)
+
+
+def scaled_stages(blocks: Sequence[BlockArgs], width: float, depth: float,
+                  fixed_ends: bool = False) -> list[tuple[int, BlockArgs]]:
+  """(repeats, block args in real channels) of each stage of a block table scaled by width/depth.
+
+  `fixed_ends` keeps the first and last stages' repeats unscaled (EfficientNet-Lite).
+  """
+  plan = []
+  for stage, args in enumerate(blocks):
+    fixed = fixed_ends and stage in (0, len(blocks) - 1)
+    repeats = args.repeats if fixed else round_repeats(args.repeats, depth)
+    plan.append((repeats, dataclasses.replace(
+        args, repeats=repeats, in_filters=round_filters(args.in_filters, width),
+        out_filters=round_filters(args.out_filters, width))))
+  return plan
+
+
+def stem_head_filters(width: float, fixed: bool = False) -> tuple[int, int]:
+  """EfficientNet's stem and head channels at `width` (Lite fixes both at 32 and 1280)."""
+  if fixed:
+    return STEM_FILTERS, HEAD_FILTERS
+  return round_filters(STEM_FILTERS, width), round_filters(HEAD_FILTERS, width)

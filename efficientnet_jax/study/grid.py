@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from efficientnet_jax.models.scaling import flops_multiplier
+from efficientnet_jax.models.scaling import flops_multiplier, scaled_resolution
 
 __all__ = ['compound_grid', 'frange', 'satisfies_flops_constraint', 'scale']
 
@@ -52,4 +52,4 @@ def scale(width: float, depth: float, resolution: int, *, alpha: float, beta: fl
   resolution is rounded to whole pixels.
   """
   return (round(width * beta**phi, 6), round(depth * alpha**phi, 6),
-          int(round(resolution * gamma**phi)))
+          scaled_resolution(phi, resolution, gamma))

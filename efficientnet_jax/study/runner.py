@@ -19,6 +19,7 @@ resolution (`complexity.model_complexity`), before any training: they cost a tra
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -30,7 +31,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from efficientnet_jax import complexity, train
+from efficientnet_jax import complexity, configs_lib, train
 
 __all__ = ['RESULT_FILE', 'Candidate', 'measure', 'network_name', 'run_candidate',
            'run_candidates', 'scaled_config', 'top1_of']
@@ -60,11 +61,13 @@ class Candidate:
 
 
 def scaled_config(base: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
-  """A copy of the (locked) training config `base` with some fields replaced.
+  """A copy of the (locked) training config `base` with some fields replaced, then resolved.
 
-  Typical fields: model, width, depth, resolution, dropout. A mistyped field raises.
+  Typical fields: model, width, depth, resolution, dropout. A mistyped field raises. Coefficients
+  neither `base` nor `fields` set become the model's own (`configs_lib.resolve`), so the result
+  names a concrete network.
   """
-  config = ml_collections.ConfigDict(base.to_dict())
+  config = copy.deepcopy(base)
   config.lock()
   for key, value in fields.items():
     if key == 'resolution':
@@ -72,7 +75,7 @@ def scaled_config(base: ml_collections.ConfigDict, **fields) -> ml_collections.C
     elif isinstance(value, float) or key in ('width', 'depth'):
       value = float(value)
     setattr(config, key, value)
-  return config
+  return configs_lib.resolve(config)
 
 
 def network_name(config: ml_collections.ConfigDict) -> str:
@@ -81,11 +84,13 @@ def network_name(config: ml_collections.ConfigDict) -> str:
   Studies name candidates by the network, so the same network reached by two routes (the
   baseline of every curve, the step-1 winner at phi = 1) is trained once.
   """
+  config = configs_lib.resolve(config)
   return f'{config.model}-w{config.width:.6g}-d{config.depth:.6g}-r{int(config.resolution)}'
 
 
 def measure(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Exact trainable parameters and multiply-adds per image of the model `config` trains."""
+  config = configs_lib.resolve(config)
   model = train.build_model(config)
   cost = complexity.model_complexity(model, config.resolution)
   return {'params': int(cost['params']), 'madds': int(cost['madds'])}
@@ -134,7 +139,7 @@ def run_candidate(candidate: Candidate, workdir: str | epath.PathLike, *, train_
   result.json rather than trained now). With `train_model=False` only the cost is measured and
   nothing is written.
   """
-  config = candidate.config
+  config = configs_lib.resolve(candidate.config)
   directory = epath.Path(workdir) / candidate.name
   path = directory / RESULT_FILE
   row = {'name': candidate.name, **candidate.labels, 'model': config.model,
