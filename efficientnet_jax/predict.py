@@ -34,7 +34,8 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from efficientnet_jax import input_pipeline, labels
+from efficientnet_jax import labels
+from efficientnet_jax.data import preprocessing
 from efficientnet_jax.models import make_inference_fn
 
 # A path, encoded image bytes, or a decoded uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] array.
@@ -70,7 +71,7 @@ def _describe(image: Image) -> str:
 def preprocess(image: Image, metadata: Any) -> np.ndarray:
   """uint8 [R, R, 3]: the eval pipeline's crop and resize, with the checkpoint's metadata.
 
-  This is `input_pipeline.preprocess_for_eval` followed by the same rounding to uint8 that
+  This is `preprocessing.preprocess_for_eval` followed by the same rounding to uint8 that
   evaluation applies before normalising on the device.
 
   Raises:
@@ -90,7 +91,7 @@ def preprocess(image: Image, metadata: Any) -> np.ndarray:
     if image.dtype != np.uint8:
       raise ImageDecodeError(f'{name}: expected a uint8 image array (0..255), got {image.dtype}.')
   try:
-    out = input_pipeline.preprocess_for_eval(
+    out = preprocessing.preprocess_for_eval(
         image, int(_field(metadata, 'resolution')), int(_field(metadata, 'crop_padding', 32)),
         str(_field(metadata, 'interpolation', 'bicubic')))
   except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:

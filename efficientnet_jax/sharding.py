@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from efficientnet_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -37,7 +39,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> N
   devices = mesh.devices.size
   if batch_size % devices:
     lower = batch_size // devices * devices
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.{what}={batch_size} is not divisible by the {devices} devices of the mesh '
         f'({jax.process_count()} process(es) x {jax.local_device_count()} local devices): each '
         f'device must get the same number of examples. Use a multiple of {devices}, e.g. '
@@ -72,14 +74,3 @@ def state_shardings(abstract_state: Any, mesh: Mesh, fsdp: bool, fsdp_min_size: 
 
   return jax.tree.map(sharding_for, abstract_state)
 
-
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Assembles each process's slice of the batch into global arrays sharded over 'data'.
-
-  Each process passes only the examples it read; the global batch is their concatenation in
-  process order.
-  """
-  sharding = batch_sharding(mesh)
-  return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-      for k, v in local_batch.items()}

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from efficientnet_jax import augment
+from efficientnet_jax.data import augment
 
 RNG = np.random.RandomState(0)
 IMAGE = RNG.randint(0, 256, size=(24, 32, 3)).astype(np.uint8)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from efficientnet_jax import input_pipeline  # noqa: F401  (opening datasets registers it)
-from efficientnet_jax.datasets import digits
+from efficientnet_jax.data import sources  # noqa: F401  (opening datasets registers it)
+from efficientnet_jax.data import digits
 
 
 @pytest.fixture(scope='module')

@@ -20,8 +20,8 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from efficientnet_jax import (checkpointing, configs_lib, input_pipeline, optim, pretrained, train,
-                              transfer)
+from efficientnet_jax import checkpointing, configs_lib, optim, pretrained, train, transfer
+from efficientnet_jax.data import pipeline, sources
 from efficientnet_jax.models import create_model
 from support import load_config_module
 
@@ -340,10 +340,10 @@ def test_config_smoke_reads_mock_data(name):
   assert config.num_train_steps == 4 and config.batch_size == 16
   assert config.init_from is None  # given on the command line
   with tfds.testing.mock_data(as_dataset_fn=_images_and_labels):
-    info = input_pipeline.get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     assert info.num_classes == config.num_classes
     for is_train in (True, False):
-      batch = next(iter(input_pipeline.create_split(config, train=is_train, batch_size=16)))
+      batch = next(iter(pipeline.create_split(config, train=is_train, batch_size=16)))
       size = config.resolution
       assert batch['image'].shape == (16, size, size, 3)
       assert np.all(batch['label'].numpy() < config.num_classes)

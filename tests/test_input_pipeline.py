@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from efficientnet_jax import input_pipeline as ip
+from efficientnet_jax.data import pipeline, preprocessing, sources
 from support import load_config_module
 
 
@@ -25,7 +25,6 @@ def _digits_config(**overrides):
   config.train_crop = 'pad_and_crop'
   config.random_flip = False
   config.augment = 'none'
-  config.shuffle_buffer_size = 128
   for key, value in overrides.items():
     setattr(config, key, value)
   return config
@@ -35,7 +34,7 @@ def _digits_config(**overrides):
 def data_dir(tmp_path_factory):
   """A TFDS data_dir with `digits` prepared once for the module."""
   path = str(tmp_path_factory.mktemp('tfds'))
-  ip.get_dataset_info(_digits_config(), data_dir=path)
+  sources.get_dataset_info(_digits_config(), data_dir=path)
   return path
 
 
@@ -74,7 +73,7 @@ CROP_CASES = [
 def test_center_crop_window(args, expected):
   h, w, size, padding = args
   y, x, crop = expected
-  np.testing.assert_array_equal(ip.center_crop_window(h, w, size, padding).numpy(),
+  np.testing.assert_array_equal(preprocessing.center_crop_window(h, w, size, padding).numpy(),
                                 [y, x, crop, crop])
 
 
@@ -83,7 +82,7 @@ def test_preprocess_for_eval_crops_that_box(args, expected):
   h, w, size, padding = args
   y, x, crop = expected
   image = np.random.RandomState(h * w).randint(0, 256, (h, w, 3)).astype(np.uint8)
-  out = ip.preprocess_for_eval(image, size, crop_padding=padding).numpy()
+  out = preprocessing.preprocess_for_eval(image, size, crop_padding=padding).numpy()
   assert out.dtype == np.float32 and out.shape == (size, size, 3)
   assert out.min() >= 0 and out.max() <= 255
   box = image[y:y + crop, x:x + crop].astype(np.float32)
@@ -93,17 +92,17 @@ def test_preprocess_for_eval_crops_that_box(args, expected):
 
 def test_preprocess_for_eval_inputs():
   image = np.random.RandomState(1).randint(0, 256, (30, 40, 3)).astype(np.uint8)
-  want = ip.preprocess_for_eval(image, 12, crop_padding=4).numpy()
+  want = preprocessing.preprocess_for_eval(image, 12, crop_padding=4).numpy()
   # A tf tensor, PNG bytes and JPEG bytes (fused decode-and-crop) give the same result.
-  np.testing.assert_array_equal(ip.preprocess_for_eval(tf.constant(image), 12, 4).numpy(), want)
-  np.testing.assert_array_equal(ip.preprocess_for_eval(tf.io.encode_png(image), 12, 4).numpy(),
+  np.testing.assert_array_equal(preprocessing.preprocess_for_eval(tf.constant(image), 12, 4).numpy(), want)
+  np.testing.assert_array_equal(preprocessing.preprocess_for_eval(tf.io.encode_png(image), 12, 4).numpy(),
                                 want)
   jpeg = tf.io.encode_jpeg(image, quality=95)
   decoded = tf.io.decode_jpeg(jpeg)
-  np.testing.assert_array_equal(ip.preprocess_for_eval(jpeg, 12, 4).numpy(),
-                                ip.preprocess_for_eval(decoded, 12, 4).numpy())
+  np.testing.assert_array_equal(preprocessing.preprocess_for_eval(jpeg, 12, 4).numpy(),
+                                preprocessing.preprocess_for_eval(decoded, 12, 4).numpy())
   # Grey (h, w, 1) becomes three equal channels.
-  grey = ip.preprocess_for_eval(image[:, :, :1], 12, 4).numpy()
+  grey = preprocessing.preprocess_for_eval(image[:, :, :1], 12, 4).numpy()
   assert grey.shape == (12, 12, 3)
   np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
   np.testing.assert_allclose(grey[..., 0], want[..., 0])
@@ -117,9 +116,9 @@ def test_preprocess_for_eval_inputs():
 def test_preprocess_for_train_shapes_and_seeds(crop, aug):
   image = np.random.RandomState(2).randint(0, 256, (40, 56, 3)).astype(np.uint8)
   kwargs = dict(train_crop=crop, augment=aug, random_flip=True)
-  out = ip.preprocess_for_train(image, 20, seed=[1, 2], **kwargs).numpy()
+  out = preprocessing.preprocess_for_train(image, 20, seed=[1, 2], **kwargs).numpy()
   assert out.dtype == np.uint8 and out.shape == (20, 20, 3)
-  np.testing.assert_array_equal(ip.preprocess_for_train(image, 20, seed=[1, 2], **kwargs), out)
+  np.testing.assert_array_equal(preprocessing.preprocess_for_train(image, 20, seed=[1, 2], **kwargs), out)
 
 
 def test_pad_and_crop_is_a_shift_of_the_resized_image():
@@ -129,7 +128,7 @@ def test_pad_and_crop_is_a_shift_of_the_resized_image():
   padded = np.pad(resized, [(4, 4), (4, 4), (0, 0)])
   shifts = set()
   for s in range(12):
-    out = ip.preprocess_for_train(image, 16, seed=[s, 0], train_crop='pad_and_crop',
+    out = preprocessing.preprocess_for_train(image, 16, seed=[s, 0], train_crop='pad_and_crop',
                                   random_flip=False).numpy()
     matches = [(dy, dx) for dy in range(9) for dx in range(9)
                if np.array_equal(padded[dy:dy + 16, dx:dx + 16], out)]
@@ -140,7 +139,7 @@ def test_pad_and_crop_is_a_shift_of_the_resized_image():
 
 def test_inception_crop_varies_with_seed():
   image = np.random.RandomState(4).randint(0, 256, (64, 80, 3)).astype(np.uint8)
-  outs = [ip.preprocess_for_train(image, 24, seed=[s, 0], random_flip=False).numpy()
+  outs = [preprocessing.preprocess_for_train(image, 24, seed=[s, 0], random_flip=False).numpy()
           for s in range(4)]
   assert any(not np.array_equal(outs[0], o) for o in outs[1:])
 
@@ -149,13 +148,13 @@ def test_inception_crop_varies_with_seed():
 
 
 def test_dataset_info_digits(data_dir):
-  info = ip.get_dataset_info(_digits_config(), data_dir=data_dir)
+  info = sources.get_dataset_info(_digits_config(), data_dir=data_dir)
   assert (info.num_train_examples, info.num_eval_examples, info.num_classes) == (1437, 360, 10)
   assert (info.train_split, info.eval_split) == ('train', 'test')
 
 
 def test_eval_pads_and_masks_last_batch(data_dir):
-  batches = _batches(ip.create_split(_digits_config(), train=False, batch_size=64,
+  batches = _batches(pipeline.create_split(_digits_config(), train=False, batch_size=64,
                                      process_index=0, process_count=1, data_dir=data_dir))
   assert len(batches) == 6  # ceil(360 / 64).
   for batch in batches:
@@ -173,13 +172,13 @@ def test_eval_covers_every_example_once(data_dir):
   config = _digits_config(resolution=8)
   stored = collections.Counter(
       (ex['image'].tobytes(), int(ex['label']))
-      for ex in tfds.as_numpy(tfds.builder('digits', data_dir=data_dir).as_dataset(split='test')))
-  single = _real_examples(_batches(ip.create_split(
+      for ex in tfds.builder('digits', data_dir=data_dir).as_data_source(split='test'))
+  single = _real_examples(_batches(pipeline.create_split(
       config, train=False, batch_size=64, process_index=0, process_count=1, data_dir=data_dir)))
   assert single == stored
   parts = []
   for index in range(2):
-    batches = _batches(ip.create_split(config, train=False, batch_size=64, process_index=index,
+    batches = _batches(pipeline.create_split(config, train=False, batch_size=64, process_index=index,
                                        process_count=2, data_dir=data_dir))
     assert len(batches) == 3  # Both processes: ceil(180 / 64) batches, in lock step.
     parts.append(_real_examples(batches))
@@ -191,79 +190,121 @@ def test_eval_uneven_processes_same_batch_count(data_dir):
   # 360 over 7 processes: shards of 52 and 51 examples, all with ceil(52 / 16) = 4 batches.
   counts = []
   for index in range(7):
-    batches = _batches(ip.create_split(_digits_config(), train=False, batch_size=16,
+    batches = _batches(pipeline.create_split(_digits_config(), train=False, batch_size=16,
                                        process_index=index, process_count=7, data_dir=data_dir))
-    assert len(batches) == ip.num_eval_batches(360, 16, 7) == 4
+    assert len(batches) == pipeline.num_eval_batches(360, 16, 7) == 4
     counts.append(sum(b['mask'].sum() for b in batches))
   assert sum(counts) == 360 and set(counts) == {51, 52}
 
 
 def test_eval_multi_part_split(data_dir):
-  # Each part is divided separately: process 0 reads 6 + 6 examples, process 1 reads 5 + 5,
-  # more than ceil(22 / 2) = 11 for process 0; both still yield the same number of batches.
+  # The 22 examples of the two parts are one split, cut evenly: 11 per process, 3 batches each.
   config = _digits_config(eval_split='train[:11]+test[:11]')
   sums = []
   for index in range(2):
-    batches = _batches(ip.create_split(config, train=False, batch_size=4, process_index=index,
+    batches = _batches(pipeline.create_split(config, train=False, batch_size=4, process_index=index,
                                        process_count=2, data_dir=data_dir))
     assert len(batches) == 3
     sums.append(sum(b['mask'].sum() for b in batches))
-  assert sums == [12, 10]
+  assert sums == [11, 11]
 
 
 @pytest.mark.parametrize('aug', ['autoaugment', 'randaugment'])
 def test_train_batches(data_dir, aug):
   config = _digits_config(augment=aug, cache=True)
-  ds = ip.create_split(config, train=True, batch_size=32, process_index=0, process_count=1,
+  ds = pipeline.create_split(config, train=True, batch_size=32, process_index=0, process_count=1,
                        data_dir=data_dir)
   it = ds.as_numpy_iterator()
   batch = next(it)
   assert batch['image'].dtype == np.uint8 and batch['image'].shape == (32, 16, 16, 3)
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (32,)
-  assert batch['mask'].dtype == np.float32 and np.all(batch['mask'] == 1.0)
+  assert batch['example_id'].dtype == np.int64 and batch['position'].tolist() == list(range(32))
   assert set(batch['label'].tolist()) <= set(range(10))
   # Repeats forever: more batches than one epoch (1437 / 32 < 50).
   for _ in range(50):
     next(it)
   # Same seed and process: same data; another process: different data.
-  again = next(ip.create_split(config, train=True, batch_size=32, process_index=0,
+  again = next(pipeline.create_split(config, train=True, batch_size=32, process_index=0,
                                process_count=1, data_dir=data_dir).as_numpy_iterator())
   np.testing.assert_array_equal(again['image'], batch['image'])
-  other = next(ip.create_split(config, train=True, batch_size=32, process_index=1,
+  other = next(pipeline.create_split(config, train=True, batch_size=32, process_index=1,
                                process_count=2, data_dir=data_dir).as_numpy_iterator())
   assert not np.array_equal(other['image'], batch['image'])
 
 
+def _stream(config, data_dir, steps, *, start_step=0, batch_size=8, process_index=0,
+            process_count=1):
+  it = pipeline.create_split(config, train=True, batch_size=batch_size, process_index=process_index,
+                             process_count=process_count, data_dir=data_dir,
+                             start_step=start_step).as_numpy_iterator()
+  return [next(it) for _ in range(steps)]
+
+
+def test_train_stream_resumes_exactly_at_any_step(data_dir):
+  """Starting at step k yields exactly what the uninterrupted stream yields from step k on."""
+  config = _digits_config(train_crop='inception', random_flip=True, augment='autoaugment')
+  full = _stream(config, data_dir, 6)
+  resumed = _stream(config, data_dir, 2, start_step=4)
+  for a, b in zip(full[4:], resumed):
+    for key in ('image', 'label', 'example_id', 'position'):
+      np.testing.assert_array_equal(a[key], b[key])
+  # Far into the run (epoch 55 of 1,437 examples) costs the same as step 0.
+  far = _stream(config, data_dir, 1, start_step=10_000)[0]
+  assert far['position'][0] == 80_000
+
+
+def test_train_stream_does_not_depend_on_the_process_count(data_dir):
+  config = _digits_config(augment='autoaugment', random_flip=True)
+  one = _stream(config, data_dir, 2, batch_size=8)
+  parts = [_stream(config, data_dir, 2, batch_size=4, process_index=k, process_count=2)
+           for k in range(2)]
+  for step in range(2):
+    for key in ('image', 'example_id', 'position'):
+      np.testing.assert_array_equal(
+          one[step][key], np.concatenate([parts[0][step][key], parts[1][step][key]]))
+
+
+def test_every_epoch_is_a_fresh_permutation(data_dir):
+  config = _digits_config(holdout_examples=1437 - 40)  # 40 training examples: 5 steps an epoch
+  ids = np.concatenate([b['example_id'] for b in _stream(config, data_dir, 10)])
+  first, second = ids[:40], ids[40:]
+  assert sorted(first) == sorted(second) == list(range(40))
+  assert not np.array_equal(first, second)
+  other_seed = np.concatenate([
+      b['example_id'] for b in _stream(_digits_config(holdout_examples=1397, seed=1), data_dir, 5)])
+  assert not np.array_equal(first, other_seed)
+
+
 def test_holdout(data_dir):
   config = _digits_config(holdout_examples=100)
-  info = ip.get_dataset_info(config, data_dir=data_dir)
+  info = sources.get_dataset_info(config, data_dir=data_dir)
   assert (info.num_train_examples, info.num_eval_examples) == (1337, 360)
   assert info.train_split == 'train[100:]'
   config.eval_on_holdout = True
-  info = ip.get_dataset_info(config, data_dir=data_dir)
+  info = sources.get_dataset_info(config, data_dir=data_dir)
   assert (info.num_train_examples, info.num_eval_examples) == (1337, 100)
   assert info.eval_split == 'train[:100]'
-  batches = _batches(ip.create_split(config, train=False, batch_size=64, process_index=0,
+  batches = _batches(pipeline.create_split(config, train=False, batch_size=64, process_index=0,
                                      process_count=1, data_dir=data_dir))
   assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == 100
   with pytest.raises(ValueError, match='holdout_examples'):
-    ip.get_dataset_info(_digits_config(eval_on_holdout=True), data_dir=data_dir)
+    sources.get_dataset_info(_digits_config(eval_on_holdout=True), data_dir=data_dir)
 
 
 def test_eval_split_falls_back_to_test(data_dir):
-  info = ip.get_dataset_info(_digits_config(eval_split='validation'), data_dir=data_dir)
+  info = sources.get_dataset_info(_digits_config(eval_split='validation'), data_dir=data_dir)
   assert info.eval_split == 'test' and info.num_eval_examples == 360
 
 
 def test_num_classes_mismatch(data_dir):
   with pytest.raises(ValueError, match='num_classes'):
-    ip.create_split(_digits_config(num_classes=5), train=True, batch_size=8, data_dir=data_dir)
+    pipeline.create_split(_digits_config(num_classes=5), train=True, batch_size=8, data_dir=data_dir)
 
 
 def test_per_process_batch_size():
-  assert ip.per_process_batch_size(4096, 16) == 256
+  assert pipeline.per_process_batch_size(4096, 16) == 256
   with pytest.raises(ValueError, match='does not divide evenly among 3 processes'):
-    ip.per_process_batch_size(64, 3)
+    pipeline.per_process_batch_size(64, 3)
 
 
 # --- TFDS datasets: mocked imagenet2012 and the not-prepared error. ----------------------------
@@ -274,21 +315,21 @@ def test_imagenet_mock_data():
   config.resolution = 32
   config.augment = 'randaugment'
   with tfds.testing.mock_data(num_examples=20):
-    info = ip.get_dataset_info(config)
+    info = sources.get_dataset_info(config)
     assert info.num_classes == 1000
-    batch = next(ip.create_split(config, train=True, batch_size=8, process_index=0,
+    batch = next(pipeline.create_split(config, train=True, batch_size=8, process_index=0,
                                  process_count=1).as_numpy_iterator())
     assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].dtype == np.int32 and np.all(batch['label'] < 1000)
-    batches = _batches(ip.create_split(config, train=False, batch_size=8, process_index=0,
+    batches = _batches(pipeline.create_split(config, train=False, batch_size=8, process_index=0,
                                        process_count=1))
   assert [b['mask'].sum() for b in batches] == [8, 8, 4]
 
 
 def test_imagenet_not_prepared_message(tmp_path):
   config = default.get_config('smoke')
-  with pytest.raises(ip.DatasetNotFoundError) as error:
-    ip.create_split(config, train=True, batch_size=8, data_dir=str(tmp_path))
+  with pytest.raises(sources.DatasetNotFoundError) as error:
+    pipeline.create_split(config, train=True, batch_size=8, data_dir=str(tmp_path))
   message = str(error.value)
   for needle in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', '--config.manual_dir',
                  '--config.data_dir', str(tmp_path), 'configs/quickstart.py'):
@@ -298,8 +339,8 @@ def test_imagenet_not_prepared_message(tmp_path):
 
 def test_unknown_dataset():
   config = _digits_config(dataset='imagenet2013')
-  with pytest.raises(ip.DatasetNotFoundError, match="imagenet2012.*folder:"):
-    ip.get_dataset_info(config)
+  with pytest.raises(sources.DatasetNotFoundError, match="imagenet2012.*folder:"):
+    sources.get_dataset_info(config)
 
 
 # --- Folder datasets. --------------------------------------------------------------------------
@@ -332,12 +373,12 @@ def test_folder_dataset_with_corrupt_files(tmp_path):
   ])
   config = _digits_config(dataset=f'folder:{root}', num_classes=3, eval_split='validation',
                           resolution=8, crop_padding=0, train_crop='inception', augment='none')
-  info = ip.get_dataset_info(config)
+  info = sources.get_dataset_info(config)
   # The listing counts every file; the eval split fell back to 'test'.
   assert (info.num_train_examples, info.num_eval_examples) == (13, 11)
   assert info.eval_split == 'test' and info.class_names == ('blue', 'green', 'red')
 
-  it = ip.create_split(config, train=True, batch_size=8, process_index=0,
+  it = pipeline.create_split(config, train=True, batch_size=8, process_index=0,
                        process_count=1).as_numpy_iterator()
   for _ in range(4):  # More than an epoch: the corrupt file is skipped every time.
     batch = next(it)
@@ -345,7 +386,19 @@ def test_folder_dataset_with_corrupt_files(tmp_path):
     bright = batch['image'].reshape(8, -1, 3).mean(axis=1).argmax(axis=-1)
     np.testing.assert_array_equal(bright, [COLOURS[info.class_names[l]] for l in batch['label']])
 
-  batches = _batches(ip.create_split(config, train=False, batch_size=4, process_index=0,
+  # The corrupt file is never read: its position reads the next example of the same order, the
+  # same one in every run, so a resumed stream is exactly the uninterrupted one.
+  source = sources.open_source(config)
+  paths = source.files['train'][0]
+  bad = [i for i, p in enumerate(paths) if p.endswith('bad.png')]
+  full = _stream(config, None, 6)
+  ids = np.concatenate([b['example_id'] for b in full])
+  assert bad and not set(bad) & set(ids.tolist())
+  for a, b in zip(full[3:], _stream(config, None, 3, start_step=3)):
+    for key in ('image', 'example_id', 'position'):
+      np.testing.assert_array_equal(a[key], b[key])
+
+  batches = _batches(pipeline.create_split(config, train=False, batch_size=4, process_index=0,
                                      process_count=1))
   assert len(batches) == 3
   assert sum(b['mask'].sum() for b in batches) == 9  # 11 files, 2 undecodable.
@@ -360,11 +413,11 @@ def test_folder_holdout_and_processes(tmp_path):
   _write_folder(root, {'train': 5, 'test': 1})
   config = _digits_config(dataset=f'folder:{root}', num_classes=3, holdout_examples=6,
                           eval_on_holdout=True, resolution=8)
-  info = ip.get_dataset_info(config)
+  info = sources.get_dataset_info(config)
   assert (info.num_train_examples, info.num_eval_examples) == (9, 6)
   seen = collections.Counter()
   for index in range(2):
-    batches = _batches(ip.create_split(config, train=False, batch_size=2, process_index=index,
+    batches = _batches(pipeline.create_split(config, train=False, batch_size=2, process_index=index,
                                        process_count=2))
     assert len(batches) == 2
     seen += _real_examples(batches)
@@ -373,14 +426,14 @@ def test_folder_holdout_and_processes(tmp_path):
 
 def test_folder_errors(tmp_path):
   missing = tmp_path / 'nope'
-  with pytest.raises(ip.DatasetNotFoundError, match='does not exist'):
-    ip.get_dataset_info(_digits_config(dataset=f'folder:{missing}'))
+  with pytest.raises(sources.DatasetNotFoundError, match='does not exist'):
+    sources.get_dataset_info(_digits_config(dataset=f'folder:{missing}'))
   empty = tmp_path / 'empty'
   (empty / 'train').mkdir(parents=True)
-  with pytest.raises(ip.DatasetNotFoundError, match='no class folders'):
-    ip.get_dataset_info(_digits_config(dataset=f'folder:{empty}'))
+  with pytest.raises(sources.DatasetNotFoundError, match='no class folders'):
+    sources.get_dataset_info(_digits_config(dataset=f'folder:{empty}'))
   flat = tmp_path / 'flat'
   (flat / 'cat').mkdir(parents=True)
   tf.io.write_file(str(flat / 'cat' / '0.png'), tf.io.encode_png(np.zeros((4, 4, 3), np.uint8)))
-  with pytest.raises(ip.DatasetNotFoundError, match='without the split level'):
-    ip.get_dataset_info(_digits_config(dataset=f'folder:{flat}'))
+  with pytest.raises(sources.DatasetNotFoundError, match='without the split level'):
+    sources.get_dataset_info(_digits_config(dataset=f'folder:{flat}'))

@@ -87,10 +87,10 @@ def test_preprocess_errors_name_the_file(tmp_path):
 
 def test_preprocess_is_the_eval_pipeline():
   """A grey PNG, RGBA array and RGB array all become the eval crop, as uint8 [R, R, 3]."""
-  from efficientnet_jax import input_pipeline
+  from efficientnet_jax.data import preprocessing
   rng = np.random.RandomState(0)
   image = rng.randint(0, 256, (50, 70, 3)).astype(np.uint8)
-  expected = np.round(input_pipeline.preprocess_for_eval(image, 32, 32, 'bicubic').numpy())
+  expected = np.round(preprocessing.preprocess_for_eval(image, 32, 32, 'bicubic').numpy())
   np.testing.assert_array_equal(predict.preprocess(image, METADATA), expected)
   np.testing.assert_array_equal(predict.preprocess(_png(image), METADATA), expected)
   rgba = np.concatenate([image, np.full((50, 70, 1), 7, np.uint8)], -1)

@@ -11,6 +11,12 @@ import dataclasses
 import difflib
 import re
 
+from efficientnet_jax import errors
+
+
+class UnknownModelError(errors.UserError, ValueError):
+  """A model name that no registry entry has."""
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockArgs:
@@ -183,5 +189,5 @@ def get_variant(name: str) -> VariantSpec:
   except KeyError:
     close = difflib.get_close_matches(str(name), list(ALL_VARIANTS), n=1)
     hint = f' Did you mean {close[0]!r}?' if close else ''
-    raise ValueError(
+    raise UnknownModelError(
         f'Unknown model {name!r}.{hint} Valid names: {", ".join(ALL_VARIANTS)}.') from None

@@ -4,7 +4,7 @@ The data are the 1,797 real 8x8 images of `sklearn.datasets.load_digits` (the UC
 recognition of handwritten digits" test set), 10 classes, pixel values 0..16. They ship inside
 scikit-learn, so building needs no download and takes a few seconds:
 
-  import efficientnet_jax.datasets  # registers the builder
+  import efficientnet_jax.data.digits  # registers the builder
   builder = tfds.builder('digits', data_dir=...)
   builder.download_and_prepare()
 
