@@ -1,10 +1,21 @@
-"""Checkpoints in the workdir: orbax CheckpointManager, asynchronous, keeping N, restorable anywhere.
+"""Checkpoints in the workdir: orbax, asynchronous, keeping N (and the best), never half-written.
 
-Each checkpoint holds the train state plus a small JSON 'fingerprint' of what produced it (model,
-coefficients, classes, optimizer). A restart with the same workdir resumes from the latest step;
-a workdir written by a different model or recipe fails with a message naming what differs,
-instead of an opaque shape error or, worse, silently training a mixture. Restoring targets the
-current run's shardings, so a checkpoint written on 256 chips restores on 8, or on one CPU.
+Each checkpoint holds the train state plus a small JSON fingerprint of what produced it (model,
+coefficients, classes, optimizer, batch size, seed). The data position needs no state of its own:
+the input pipeline reads a pure function of (seed, step, batch size), so the restored step is the
+position. A restart with the same workdir resumes from the newest checkpoint that restores:
+
+* a newer one that is incomplete or damaged (a kill during the save, a lost file) is skipped with
+  a warning naming it; the run fails only when none restores;
+* a workdir written by a different model or recipe (or batch size, which would move the data
+  position and the schedule) is refused with the differences named;
+* restoring targets the current run's shardings, so a checkpoint written on 256 chips restores
+  on 8, or on one CPU.
+
+What is never taken for a checkpoint: orbax writes a step into a temporary directory and makes it
+visible only when complete. On a local or NFS path that is an atomic rename, and temporaries left
+by a killed save are deleted at start-up (`cleanup_tmp_directories`). On gs://, where renames are
+copies, orbax instead marks a finished step with a commit file and ignores steps without one.
 """
 from __future__ import annotations
 
@@ -16,24 +27,28 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 import tensorflow as tf
+from absl import logging
 
-# Config fields that change the state's structure or meaning: resuming across a change in any of
-# them is refused. Everything else (batch size, schedule length, logging) may change on restart.
+from efficientnet_jax import errors
+
+# Config fields that change the state's structure or meaning, or the data a step reads: resuming
+# across a change in any of them is refused. Everything else (schedule length, logging) may change.
 FINGERPRINT_FIELDS = ('model', 'width', 'depth', 'num_classes', 'stem_stride', 'optimizer',
-                      'momentum', 'dataset', 'freeze_backbone')
-# Values of fields added after checkpoints were first written, as older checkpoints (and configs
-# without the field) implicitly had them. `config.init_from` is deliberately not a field: it only
-# decides how step 0 is initialised, and a resumed run never reads it.
-FINGERPRINT_DEFAULTS = {'freeze_backbone': False}
+                      'momentum', 'dataset', 'freeze_backbone', 'batch_size', 'seed')
+BEST_DIR = 'best_checkpoint'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """The workdir's checkpoint was written by a different model or recipe."""
 
 
+class CheckpointRestoreError(errors.UserError, ValueError):
+  """No checkpoint of the workdir could be restored."""
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What a checkpoint must agree with to be resumed by `config`."""
-  fields = {k: config.get(k, FINGERPRINT_DEFAULTS.get(k)) for k in FINGERPRINT_FIELDS}
+  """What a checkpoint must agree with to be resumed by `config` (a resolved config)."""
+  fields = {k: config.get(k) for k in FINGERPRINT_FIELDS}
   fields['ema'] = bool(config.ema_decay > 0)
   return fields
 
@@ -49,72 +64,140 @@ def check_workdir_writable(workdir: str) -> None:
       f.write('ok')
     tf.io.gfile.remove(probe)
   except Exception as e:  # gfile raises several types (PermissionDenied, NotFound, OSError).
-    raise PermissionError(
+    raise errors.ConfigError(
         f'The workdir {workdir!r} is not writable ({type(e).__name__}: {e}). Checkpoints, '
         'metrics and logs go there, so training cannot start. Pass a --workdir you can write '
         '(a local directory you own, or a gs:// bucket this VM\'s service account can write).'
     ) from e
 
 
-class Checkpointer:
-  """Saves and restores the train state under `workdir/checkpoints`."""
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True,
+          cleanup_tmp_directories=True))
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+
+class Checkpointer:
+  """Saves and restores the train state under `workdir/checkpoints`.
+
+  With `best_metric` set, the state at the best evaluation so far (`best_mode` 'max' or 'min')
+  is also kept, under `workdir/best_checkpoint`, whatever `keep_checkpoints` deletes.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
+               best_metric: str | None = None, best_mode: str = 'max'):
     self.directory = os.path.join(workdir, 'checkpoints')
     self.fingerprint = fingerprint(config)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
-            create=True))
+    self.manager = _manager(self.directory, config.keep_checkpoints)
+    self.best_metric, self.best_mode = best_metric, best_mode
+    self._best = None
+    if best_metric:
+      self.best_manager = _manager(os.path.join(workdir, BEST_DIR), 1)
+      step = self.best_manager.latest_step()
+      if step is not None:
+        meta = self.best_manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
+        self._best = meta.get('best_value')
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, force: bool = False) -> bool:
+  def _args(self, state, extra_meta=None):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              meta=ocp.args.JsonSave({**self.fingerprint, **(extra_meta or {})}))
+
+  def save(self, step: int, state: Any) -> bool:
     """Starts an asynchronous save of `state` at `step`; training continues meanwhile."""
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(self.fingerprint)), force=force)
+    return self.manager.save(step, args=self._args(state), force=True)
+
+  def maybe_save_best(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
+    """Keeps `state` as the best checkpoint when `metrics[best_metric]` beats the best so far."""
+    if not self.best_metric or self.best_metric not in metrics:
+      return False
+    value = float(metrics[self.best_metric])
+    better = (self._best is None or (value > self._best if self.best_mode == 'max'
+                                     else value < self._best))
+    if better:
+      self._best = value
+      self.best_manager.save(step, args=self._args(
+          state, {'best_metric': self.best_metric, 'best_value': value}), force=True)
+      logging.info('New best %s = %.6g at step %d, kept in %s.', self.best_metric, value, step,
+                   self.best_manager.directory)
+    return better
 
   def restore_latest(self, abstract_state: Any) -> Any | None:
-    """Restores the newest checkpoint onto `abstract_state`'s shapes and shardings, if any.
+    """Restores the newest checkpoint that restores onto `abstract_state` (None if none exist).
 
     `abstract_state` is a tree of `jax.ShapeDtypeStruct`s carrying the current run's shardings.
     """
-    step = self.latest_step()
-    if step is None:
-      return None
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    self._check_fingerprint(meta, step)
-    try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointMismatchError(
-          f'The checkpoint at step {step} in {self.directory} does not fit this run\'s state '
-          f'({type(e).__name__}: {e}). Start from a fresh --workdir, or restore with the config '
-          'that wrote it.') from e
-    return restored.state
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = meta.meta
+      except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
+        failures.append((step, e))
+        logging.warning('Checkpoint %s/%d is incomplete or damaged (%s: %s); trying an older one.',
+                        self.directory, step, type(e).__name__, str(e)[:300])
+        continue
+      self._check_fingerprint(meta, step)
+      try:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, e))
+        logging.warning('Checkpoint %s/%d does not restore (%s: %s); trying an older one.',
+                        self.directory, step, type(e).__name__, str(e)[:300])
+        continue
+      if failures:
+        logging.warning('Resuming from step %d; newer checkpoint(s) %s could not be restored.',
+                        step, [s for s, _ in failures])
+      return restored.state
+    if failures:
+      listing = '\n'.join(f'  step {s}: {type(e).__name__}: {str(e)[:300]}' for s, e in failures)
+      raise CheckpointRestoreError(
+          f'None of the {len(failures)} checkpoint(s) in {self.directory} could be restored:\n'
+          f'{listing}\nEither they are damaged (a lost or truncated file), or this config changes '
+          'the state\'s structure in a way the fingerprint does not name (e.g. '
+          'grad_clip_norm or ema_decay add or remove optimizer state), or a different version of '
+          'efficientnet_jax wrote them. Resume with the config and version that wrote them, or '
+          'restore the files from a backup; the rest of the workdir (metrics, the best '
+          'checkpoint) is unaffected.')
+    return None
 
   def _check_fingerprint(self, saved: dict[str, Any] | None, step: int) -> None:
     saved = saved or {}
-    saved = {k: saved.get(k, FINGERPRINT_DEFAULTS.get(k)) for k in self.fingerprint}
+    # A field the checkpoint lacks (written before it was fingerprinted) is not compared.
     diffs = [f'{k}: checkpoint has {saved[k]!r}, config has {v!r}'
-             for k, v in self.fingerprint.items() if saved[k] != v]
+             for k, v in self.fingerprint.items() if k in saved and saved[k] != v]
     if diffs:
+      hint = ''
+      if any(d.startswith('batch_size') for d in diffs):
+        hint = (' A different batch size would move the data position and stretch the learning '
+                'rate schedule; to fit a smaller slice keep the global batch and raise '
+                '--config.grad_accum_steps.')
       raise CheckpointMismatchError(
           f'The workdir already holds a checkpoint (step {step} in {self.directory}) written by '
           f'a different model or recipe, so this run cannot resume from it: '
-          f'{"; ".join(diffs)}. Use a new --workdir for a different experiment, or pass the '
+          f'{"; ".join(diffs)}.{hint} Use a new --workdir for a different experiment, or pass the '
           'config that wrote this checkpoint to resume it.')
 
   def wait_until_finished(self) -> None:
     self.manager.wait_until_finished()
+    if self.best_metric:
+      self.best_manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for every in-flight save, then releases the managers."""
+    try:
+      self.wait_until_finished()
+    finally:
+      self.manager.close()
+      if self.best_metric:
+        self.best_manager.close()
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -93,16 +93,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.randaugment_num_layers = 2
   # RandAugment: magnitude (paper's later recipe uses 9..28 by model size).
   config.randaugment_magnitude = 9
-  # Examples in the tf.data shuffle buffer.
-  config.shuffle_buffer_size = 16_384
-  # Keep decoded data in memory after the first epoch (only for small datasets).
+  # Load the dataset into memory once at start (small datasets; also the way to train on a
+  # TFRecord-only TFDS copy that fits in memory). Every epoch is a full pseudo-random permutation
+  # of the training examples, so there is no shuffle buffer to size.
   config.cache = False
   # Batches prefetched onto the accelerator ahead of the train step.
   config.prefetch_batches = 2
-  # Contiguous shards the data is cut into; each process reads data_shards / process_count of
-  # them. 0 means one per process. Fixing it makes the global batches (and so the loss curve)
-  # independent of the number of processes the same devices are split into.
-  config.data_shards = 0
+  # Record the example ids each step read in workdir/input_ids/ (for debugging, and checks).
+  config.log_input_ids = False
 
   # --- Transfer learning (paper section 5.3) ---------------------------------------------------
   # A pretrained directory (`python -m efficientnet_jax.convert ... --output=DIR`) to start from
@@ -174,10 +172,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = -1
   # Log training metrics every this many steps.
   config.log_every_steps = 100
-  # Save a checkpoint every this many steps (and always at the end).
+  # Save a checkpoint every this many steps (and always at the end and on a preemption notice).
   config.checkpoint_every_steps = 1000
+  # Also save when this many minutes passed since the last save (checked at log steps); 0: off.
+  config.checkpoint_every_minutes = 0.0
   # Checkpoints to keep.
   config.keep_checkpoints = 3
+  # Also keep the checkpoint with the best value of this eval metric (workdir/best_checkpoint;
+  # 'loss' metrics are minimised; eval_ema/... means eval/... when EMA is off); '' disables.
+  config.best_checkpoint_metric = 'eval_ema/top1'
+  # Persistent XLA compilation cache, so a restarted job does not recompile: 'workdir'
+  # (workdir/compilation_cache), a directory (local or gs://, may be shared by runs) or '' (off).
+  config.compilation_cache = 'workdir'
   # Write a profile of a few steps to the workdir (clu periodic_actions.Profile).
   config.profile = False
   # Random seed for initialisation, dropout and the data order.
@@ -197,7 +203,6 @@ def smoke(config: ml_collections.ConfigDict) -> None:
   config.eval_every_steps = 4
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
-  config.shuffle_buffer_size = 64
   config.augment = 'none'
 
 
@@ -352,7 +357,6 @@ def digits_recipe(config: ml_collections.ConfigDict) -> None:
   config.train_crop = 'pad_and_crop'
   config.random_flip = False
   config.augment = 'none'
-  config.shuffle_buffer_size = 2048
   config.cache = True
   config.optimizer = 'adamw'
   config.learning_rate = 3e-3

@@ -1,19 +1,24 @@
 """Training and evaluation: the paper's recipe on a device mesh, from one CPU to a TPU pod.
 
-`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. The state is
-created already sharded (`jax.eval_shape`, then `jit(init, out_shardings=...)`), the train step
-is one jitted function with the state donated, and the global batch is sharded over the mesh's
-'data' axis, so BatchNorm statistics and gradients are reduced over all devices of all hosts.
+`train_and_evaluate(config, workdir)` is the whole job; `main.py` only parses flags. It reads top
+to bottom: set up (config, mesh, data, model, shardings; the steps compile in the background),
+restore or initialise the state, then the loop. The state is created already sharded
+(`jax.eval_shape`, then `jit(init, out_shardings=...)`), the train step is one jitted function
+with the state donated, and the global batch is sharded over the mesh's 'data' axis, so
+BatchNorm statistics and gradients are reduced over all devices of all hosts.
+
+Nothing is lost: the data a step reads is a pure function of (seed, step, batch size)
+(`data/pipeline.py`), so a restart continues exactly; a preemption notice saves at the next step
+boundary and stops (`preemption.py`); every exit waits for in-flight saves; a non-finite step is
+never applied or saved.
 """
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import functools
-import math
-import threading
+import json
+import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax
 import jax
@@ -25,8 +30,9 @@ import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from efficientnet_jax import (checkpointing, configs_lib, input_pipeline, optim, sharding, transfer,
-                              xla_cpu)
+from efficientnet_jax import (checkpointing, compilation, configs_lib, errors, optim, preemption,
+                              sharding, transfer)
+from efficientnet_jax.data import pipeline, prefetch, sources
 from efficientnet_jax.models import create_model, get_variant
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -72,22 +78,6 @@ def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> ja
   return ((images.astype(jnp.float32) - mean) / std).astype(COMPUTE_DTYPES[config.dtype])
 
 
-def compile_run_once(jitted, *args):
-  """Compiles `jitted` for `args`, with cheap code generation on CPU, for a single call."""
-  return jitted.lower(*args).compile(compiler_options=xla_cpu.run_once_options())
-
-
-def dispose_in_background(holder: list) -> None:
-  """Drops the objects in `holder` (emptying it) on a daemon thread.
-
-  Deleting a tf.data iterator whose pipeline is autotuned waits for TensorFlow's autotuning
-  thread to finish its current optimisation period, which grows to a minute over a run (seen
-  with TF 2.21: 25-50 s at the end of 80-step CPU runs). The deletion releases the GIL, so it
-  can happen off the caller's path; the caller must hold no other reference.
-  """
-  threading.Thread(target=holder.clear, name='dispose_tf_data_iterator', daemon=True).start()
-
-
 def create_train_state(rng, *, model, tx, config) -> TrainState:
   size = configs_lib.model_fields(config)['resolution']
   variables = model.init(rng, jnp.zeros((1, size, size, 3), COMPUTE_DTYPES[config.dtype]))
@@ -116,13 +106,15 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, schedule,
-               config: ml_collections.ConfigDict, base_rng) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, jax.Array], *,
+               model, tx, schedule, config: ml_collections.ConfigDict,
+               base_rng) -> tuple[TrainState, jax.Array, dict]:
   """One optimizer step on a global batch (averaging `grad_accum_steps` micro-batches).
 
-  A step whose loss, gradients or updated state are not finite leaves the state unchanged and
-  reports `finite=False`; the loop then halts, so no NaN ever reaches the parameters or a
-  checkpoint.
+  `first_bad_step` (int32, -1 while all is well) records on the device the first step whose
+  loss or updated state is not finite. That step and every later one leave the state unchanged,
+  so the loop can check the flag only at its log and save boundaries, without a per-step host
+  sync, and still never apply or save a non-finite update.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   num_classes = model.num_classes
@@ -181,10 +173,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, tx, sch
   # norm does not hide it). One check per leaf of the state is then enough, and each check costs
   # compile time (they were a fifth of a small network's train step).
   finite = jnp.isfinite(loss) & _all_finite(new_state)
-  # Keep the last good state on a non-finite step (the step counter too, so the error names it).
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-  metrics = {'loss': loss, 'top1': top1, 'learning_rate': schedule(state.step), 'finite': finite}
-  return new_state, metrics
+  good = finite & (first_bad_step < 0)
+  # Keep the last good state from the first bad step on (the step counter too).
+  new_state = jax.tree.map(lambda new, old: jnp.where(good, new, old), new_state, state)
+  first_bad_step = jnp.where((first_bad_step < 0) & ~finite, state.step + 1, first_bad_step)
+  metrics = {'loss': loss, 'top1': top1, 'learning_rate': schedule(state.step)}
+  return new_state, first_bad_step, metrics
 
 
 def eval_step(params, batch_stats, batch, *, model, config) -> dict[str, jax.Array]:
@@ -201,84 +195,93 @@ def eval_step(params, batch_stats, batch, *, model, config) -> dict[str, jax.Arr
           'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
 
 
-def _data_shards(config) -> tuple[int, list[int]]:
-  """How many contiguous data shards there are, and which ones this process reads."""
-  processes = jax.process_count()
-  shards = config.data_shards or processes
-  if shards % processes:
-    raise ValueError(
-        f'config.data_shards={shards} must be a multiple of the {processes} processes, so that '
-        'every process reads the same number of shards.')
-  per_process = shards // processes
-  first = jax.process_index() * per_process
-  return shards, list(range(first, first + per_process))
-
-
-def create_input(config, *, train: bool, global_batch_size: int) -> tf.data.Dataset:
-  """This process's part of each global batch: its shards' batches, concatenated in order."""
-  shards, mine = _data_shards(config)
-  if global_batch_size % shards:
-    raise ValueError(
-        f'The global batch of {global_batch_size} must divide evenly among the {shards} data '
-        'shards (one per process unless config.data_shards is set).')
-  datasets = [input_pipeline.create_split(
-      config, train=train, batch_size=global_batch_size // shards, process_index=s,
-      process_count=shards) for s in mine]
-  if len(datasets) == 1:
-    return datasets[0]
-  return tf.data.Dataset.zip(tuple(datasets)).map(
-      lambda *parts: {k: tf.concat([p[k] for p in parts], 0) for k in parts[0]})
-
-
-def prefetch_to_mesh(iterator: Iterator[dict], mesh, size: int) -> Iterator[dict]:
-  """Turns host batches into global device arrays `size` batches ahead of the consumer.
-
-  Pass the source iterator itself (e.g. `dataset.as_numpy_iterator()`), no other reference to it:
-  when this generator ends or is dropped, the source is deleted on a background thread
-  (`dispose_in_background`), so a tf.data iterator's slow teardown never stalls the caller.
-  """
-  queue = collections.deque()
-  source = [iterator]
-  del iterator
-
-  def enqueue(n):
-    for batch in source[0]:
-      queue.append(sharding.global_batch(batch, mesh))
-      if len(queue) >= n:
-        return
-
-  try:
-    enqueue(max(size, 1))
-    while queue:
-      yield queue.popleft()
-      enqueue(max(size, 1))
-  finally:
-    dispose_in_background(source)
-
-
 def evaluate(params, batch_stats, *, eval_fn, dataset, mesh) -> dict[str, float]:
   """Loss, top-1 and top-5 over every example of the eval split."""
   totals = None
-  for batch in prefetch_to_mesh(dataset.as_numpy_iterator(), mesh, 2):
+  for batch in prefetch.prefetch_to_mesh(dataset.as_numpy_iterator(), mesh, 2):
     sums = eval_fn(params, batch_stats, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
-    raise ValueError('The eval split produced no batches; check config.eval_split.')
+    raise errors.ConfigError('The eval split produced no batches; check config.eval_split.')
   totals = jax.device_get(totals)
   count = float(totals['count'])
   return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
           'top5': float(totals['top5']) / count, 'num_examples': count}
 
 
-def _check_config(config, mesh) -> None:
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+  """Fails before anything starts, saying how to fix it, on values the run cannot use."""
+  for name in ('batch_size', 'eval_batch_size', 'grad_accum_steps', 'log_every_steps',
+               'checkpoint_every_steps', 'keep_checkpoints', 'prefetch_batches'):
+    if not isinstance(config[name], int) or config[name] < 1:
+      raise errors.ConfigError(f'config.{name}={config[name]!r} must be a whole number >= 1.')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise errors.ConfigError(
+        f'config.num_train_steps={config.num_train_steps} and config.num_epochs='
+        f'{config.num_epochs}: set one of them to a positive length.')
+  if config.checkpoint_every_minutes < 0:
+    raise errors.ConfigError(f'config.checkpoint_every_minutes={config.checkpoint_every_minutes} '
+                             'must be >= 0 (0 disables time-based checkpoints).')
+  if config.dtype not in COMPUTE_DTYPES:
+    raise errors.ConfigError(f'Unknown config.dtype {config.dtype!r}; valid: '
+                             f'{", ".join(COMPUTE_DTYPES)}.')
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  pipeline.per_process_batch_size(config.batch_size)
   k = config.grad_accum_steps
-  if k < 1 or config.batch_size % (mesh.devices.size * k):
-    raise ValueError(
+  if config.batch_size % (mesh.devices.size * k):
+    raise errors.ConfigError(
         f'config.grad_accum_steps={k} must split the batch of {config.batch_size} into micro-'
         f'batches that still divide over the {mesh.devices.size} devices: batch_size must be a '
-        f'multiple of devices x grad_accum_steps = {mesh.devices.size * max(k, 1)}.')
+        f'multiple of devices x grad_accum_steps = {mesh.devices.size * k}.')
+
+
+def best_metric_of(config: ml_collections.ConfigDict) -> tuple[str | None, str]:
+  """(eval metric that picks the best checkpoint, 'max' or 'min'); EMA off: its raw twin."""
+  name = config.best_checkpoint_metric
+  if not name:
+    return None, 'max'
+  if config.ema_decay <= 0 and name.startswith('eval_ema/'):
+    name = 'eval/' + name[len('eval_ema/'):]
+  return name, 'min' if name.endswith('loss') else 'max'
+
+
+def _abstract_batch(config, batch_size: int, with_mask: bool, sharding_) -> dict:
+  size = config.resolution
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
+                                         sharding=sharding_),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding_)}
+  if with_mask:
+    batch['mask'] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding_)
+  return batch
+
+
+def _check_finite(first_bad_step, checkpointer) -> None:
+  """Halts, naming the step, if a step's update was not finite (a sync with the devices)."""
+  bad = int(jax.device_get(first_bad_step))
+  if bad < 0:
+    return
+  checkpointer.wait_until_finished()
+  good = checkpointer.latest_step()
+  where = (f'the last good checkpoint is step {good} in {checkpointer.directory}'
+           if good is not None else
+           f'there is no checkpoint yet in {checkpointer.directory}, so a rerun starts over')
+  raise FloatingPointError(
+      f'Training stopped: the loss or the updated weights became NaN/Inf at step {bad}. That '
+      f'update was not applied and no checkpoint was written from it; {where}. Lower '
+      '--config.learning_rate, enable --config.grad_clip_norm, or check the data, then rerun '
+      'with the same --workdir to resume from the last good checkpoint.')
+
+
+def _write_train_metrics(writer, step: int, window: list, elapsed: float, examples: int):
+  summary = jax.device_get(window)
+  writer.write_scalars(step, {
+      'train/loss': float(np.mean([m['loss'] for m in summary])),
+      'train/top1': float(np.mean([m['top1'] for m in summary])),
+      'train/learning_rate': float(summary[-1]['learning_rate']),
+      'train/images_per_second': examples / max(elapsed, 1e-9)})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -286,20 +289,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   Returns:
     (final TrainState, final eval metrics dict with keys like 'eval/top1', 'eval_ema/top1').
+
+  Raises:
+    preemption.Preempted: a preemption notice arrived; the checkpoint at its step is saved.
+    FloatingPointError: a step's update was not finite (it was not applied or saved).
+    errors.UserError: a config value, the dataset or the workdir's checkpoint is unusable.
   """
+  # --- Set up -----------------------------------------------------------------------------------
   config = configs_lib.resolve(config, log=True)
-  checkpointing.check_workdir_writable(workdir)
   mesh = sharding.create_mesh()
-  _check_config(config, mesh)
-  info = input_pipeline.get_dataset_info(config)
-  if info.num_classes > config.num_classes:
-    raise ValueError(
-        f'{info.name!r} has {info.num_classes} classes but config.num_classes is '
-        f'{config.num_classes}. Set --config.num_classes={info.num_classes}.')
+  check_config(config, mesh)
+  checkpointing.check_workdir_writable(workdir)
+  compilation.use_persistent_cache(config.compilation_cache, workdir)
+  source = sources.open_source(config)
+  info = sources.get_dataset_info(config, source=source)
+  pipeline.check_num_classes(config, source)
   steps_per_epoch = info.num_train_examples / config.batch_size
   num_steps = optim.total_steps(config, steps_per_epoch)
   eval_every = (config.eval_every_steps if config.eval_every_steps > 0
-                else max(1, int(math.ceil(steps_per_epoch))))
+                else max(1, int(np.ceil(steps_per_epoch))))
   logging.info('Dataset %s: %d train / %d eval examples, %d classes; %d steps of batch %d on '
                '%d devices (%d processes).', info.name, info.num_train_examples,
                info.num_eval_examples, info.num_classes, num_steps, config.batch_size,
@@ -309,8 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
   tx = optim.create_optimizer(config, steps_per_epoch)
   init = functools.partial(create_train_state, model=model, tx=tx, config=config)
-  rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   abstract_state = jax.eval_shape(init, init_rng)
   logging.info('%s: %s trainable parameters at %d px.', config.model,
                f'{sum(x.size for x in jax.tree.leaves(abstract_state.params)):,}',
@@ -319,63 +326,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                             config.fsdp_min_size)
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
-
   abstract_sharded_state = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         base_rng=dropout_rng),
-      in_shardings=(state_sharding, data_sharding),
-      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+      in_shardings=(state_sharding, replicated, data_sharding),
+      out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
   p_eval_step = jax.jit(
       functools.partial(eval_step, model=model, config=config),
       in_shardings=(state_sharding.params, state_sharding.batch_stats, data_sharding),
       out_shardings=replicated)
-  # The train step compiles on a background thread from the state's and the batch's shapes while
-  # the state is restored or initialised and the input pipelines start: on a CPU compiling is
-  # most of a short run, on a pod restoring a large state from a bucket takes a while.
-  train_ds = create_input(config, train=True, global_batch_size=config.batch_size)
-  abstract_batch = {
-      k: jax.ShapeDtypeStruct((config.batch_size, *spec.shape[1:]), spec.dtype.as_numpy_dtype,
-                              sharding=data_sharding)
-      for k, spec in train_ds.element_spec.items()}
-  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='compile_train_step')
-  compiled_train_step = pool.submit(
-      lambda: p_train_step.lower(abstract_sharded_state, abstract_batch).compile())
-  pool.shutdown(wait=False)  # the compilation still finishes; nothing else is queued
+  abstract_flag = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  compiled = compilation.compile_in_background([
+      ('train', lambda: p_train_step.lower(
+          abstract_sharded_state, abstract_flag,
+          _abstract_batch(config, config.batch_size, False, data_sharding)).compile()),
+      ('eval', lambda: p_eval_step.lower(
+          abstract_sharded_state.params, abstract_sharded_state.batch_stats,
+          _abstract_batch(config, config.eval_batch_size, True, data_sharding)).compile()),
+  ])
+  best_metric, best_mode = best_metric_of(config)
+  checkpointer = checkpointing.Checkpointer(workdir, config, best_metric=best_metric,
+                                            best_mode=best_mode)
+  try:
+    # --- Restore or initialise --------------------------------------------------------------------
+    state = checkpointer.restore_latest(abstract_sharded_state)
+    if state is None:
+      state = compilation.compile_run_once(jax.jit(init, out_shardings=state_sharding),
+                                           init_rng)(init_rng)
+      if config.get('init_from'):  # transfer learning; a resumed run has its own weights
+        state = transfer.init_from_pretrained(state, config, tx=tx)
+    elif config.get('init_from'):
+      logging.info('Resuming from the workdir\'s checkpoint; config.init_from is not read.')
+    start_step = int(state.step)
+    logging.info('Starting at step %d of %d.', start_step, num_steps)
+    state, eval_metrics = _train_loop(
+        config, workdir, state, start_step=start_step, num_steps=num_steps,
+        eval_every=eval_every, mesh=mesh, source=source, info=info, compiled=compiled,
+        checkpointer=checkpointer, replicated=replicated)
+  finally:
+    checkpointer.close()  # waits for in-flight saves, on every exit
+  return state, eval_metrics
 
-  checkpointer = checkpointing.Checkpointer(workdir, config)
-  state = checkpointer.restore_latest(abstract_sharded_state)
-  if state is None:
-    state = compile_run_once(jax.jit(init, out_shardings=state_sharding), init_rng)(init_rng)
-    if config.get('init_from'):  # transfer learning; a resumed run has its own weights
-      state = transfer.init_from_pretrained(state, config, tx=tx)
-  elif config.get('init_from'):
-    logging.info('Resuming from the workdir\'s checkpoint; config.init_from is not read.')
-  start_step = int(state.step)
-  logging.info('Starting at step %d of %d.', start_step, num_steps)
 
+def _train_loop(config, workdir, state, *, start_step, num_steps, eval_every, mesh, source,
+                info, compiled, checkpointer, replicated):
+  """Steps from `start_step` to `num_steps`: log, save, evaluate at their boundaries."""
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
-  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+  hooks = [report]
   if config.profile and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
                                           first_profile=start_step + 10))
-  report = hooks[0]
+  eval_ds = pipeline.create_input(config, source, info, train=False,
+                                  global_batch_size=config.eval_batch_size)
 
-  eval_ds = create_input(config, train=False, global_batch_size=config.eval_batch_size)
-
-  def run_eval(step) -> dict[str, float]:
+  def run_eval(step, state) -> dict[str, float]:
+    eval_fn = compiled['eval'].result()
     results = {}
     with report.timed('eval'):
       if config.ema_decay > 0:
-        ema = evaluate(state.ema_params, state.ema_batch_stats, eval_fn=p_eval_step,
+        ema = evaluate(state.ema_params, state.ema_batch_stats, eval_fn=eval_fn,
                        dataset=eval_ds, mesh=mesh)
         results.update({f'eval_ema/{k}': v for k, v in ema.items()})
       if config.ema_decay <= 0 or config.eval_raw_weights:
-        raw = evaluate(state.params, state.batch_stats, eval_fn=p_eval_step, dataset=eval_ds,
+        raw = evaluate(state.params, state.batch_stats, eval_fn=eval_fn, dataset=eval_ds,
                        mesh=mesh)
         results.update({f'eval/{k}': v for k, v in raw.items()})
     writer.write_scalars(step, {k: v for k, v in results.items() if 'num_examples' not in k})
@@ -383,65 +402,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return results
 
   eval_metrics: dict[str, float] = {}
-  train_iter = prefetch_to_mesh(train_ds.as_numpy_iterator(), mesh, config.prefetch_batches)
-  train_step_fn = compiled_train_step.result() if start_step < num_steps else None
-  pending, window = None, []
-  last_log_time, last_log_step = time.time(), start_step
-
-  def check_finite(metrics, step):
-    if not bool(metrics['finite']):
-      checkpointer.wait_until_finished()
-      good = checkpointer.latest_step()
-      where = (f'the last good checkpoint is step {good} in {checkpointer.directory}'
-               if good is not None else
-               f'there is no checkpoint yet in {checkpointer.directory}, so a rerun starts over')
-      raise FloatingPointError(
-          f'Training stopped: the loss, gradients or updated weights became NaN/Inf at step '
-          f'{step}. That update was not applied and no checkpoint was written from it; {where}. '
-          'Lower --config.learning_rate, enable --config.grad_clip_norm, or check the data, '
-          'then rerun with the same --workdir to resume from the last good checkpoint.')
-
-  def settle(pending):
-    """Halts on a non-finite step; otherwise queues its metrics for the next log line."""
-    check_finite(*pending)
-    window.append(pending[0])
-
-  with metric_writers.ensure_flushes(writer):
-    step = start_step
-    while step < num_steps:
-      state, metrics = train_step_fn(state, next(train_iter))
-      # Check the previous step while this one runs, so the host never stalls the device.
-      if pending is not None:
-        settle(pending)
-      pending = (metrics, step + 1)
-      step += 1
-      for hook in hooks:
-        hook(step)
-      last = step == num_steps
-      log_now = last or step % config.log_every_steps == 0
-      eval_now = last or step % eval_every == 0
-      save_now = last or step % config.checkpoint_every_steps == 0
-      if log_now or eval_now or save_now:
-        # Nothing is logged, evaluated or saved past a step that has not been checked.
-        settle(pending)
-        pending = None
-      if log_now:
-        summary = jax.device_get(window)
-        elapsed = time.time() - last_log_time
-        writer.write_scalars(step, {
-            'train/loss': float(np.mean([m['loss'] for m in summary])),
-            'train/top1': float(np.mean([m['top1'] for m in summary])),
-            'train/learning_rate': float(summary[-1]['learning_rate']),
-            'train/images_per_second':
-                (step - last_log_step) * config.batch_size / max(elapsed, 1e-9)})
-        window.clear()
-        last_log_time, last_log_step = time.time(), step
-      if eval_now:
-        eval_metrics = run_eval(step)
-      if save_now:
-        with report.timed('checkpoint'):
-          checkpointer.save(step, state)
-    if not eval_metrics:  # resumed at the end: evaluate what was restored
-      eval_metrics = run_eval(step)
-  checkpointer.close()
+  input_log = (prefetch.InputLog(workdir, config.batch_size) if config.log_input_ids else None)
+  train_ds = pipeline.create_input(config, source, info, train=True,
+                                   global_batch_size=config.batch_size, start_step=start_step)
+  train_iter = prefetch.prefetch_to_mesh(train_ds.as_numpy_iterator(), mesh,
+                                         config.prefetch_batches, on_batch=input_log)
+  first_bad = jax.device_put(jnp.int32(-1), replicated)
+  clock = preemption.SaveClock(config.checkpoint_every_minutes)
+  window, last_log_time, last_log_step = [], time.time(), start_step
+  try:
+    with metric_writers.ensure_flushes(writer), preemption.PreemptionWatch() as watch:
+      step_fn = compiled['train'].result() if start_step < num_steps else None
+      step = start_step
+      while step < num_steps:
+        state, first_bad, metrics = step_fn(state, first_bad, next(train_iter))
+        step += 1
+        window.append(metrics)
+        for hook in hooks:
+          hook(step)
+        last = step == num_steps
+        preempted = watch.reached(step)
+        log_now = last or step % config.log_every_steps == 0
+        eval_now = last or step % eval_every == 0
+        save_now = last or preempted or step % config.checkpoint_every_steps == 0
+        if log_now:  # the host syncs with the devices only at these boundaries
+          _check_finite(first_bad, checkpointer)
+          _write_train_metrics(writer, step, window, time.time() - last_log_time,
+                               (step - last_log_step) * config.batch_size)
+          window.clear()
+          last_log_time, last_log_step = time.time(), step
+          save_now = save_now or clock.due()
+        if save_now:  # saved before the step's evaluation, so a failing evaluation loses nothing
+          _check_finite(first_bad, checkpointer)
+          with report.timed('checkpoint'):
+            checkpointer.save(step, state)
+          clock.saved()
+        if preempted:
+          checkpointer.wait_until_finished()
+          preemption.log_preempted(step, checkpointer.directory)
+          raise preemption.Preempted(step, checkpointer.directory)
+        if eval_now:
+          _check_finite(first_bad, checkpointer)
+          eval_metrics = run_eval(step, state)
+          checkpointer.maybe_save_best(step, state, eval_metrics)
+      if not eval_metrics:  # resumed at the end: evaluate what was restored
+        eval_metrics = run_eval(step, state)
+  finally:
+    if input_log is not None:
+      input_log.close()
   return state, eval_metrics

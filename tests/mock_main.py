@@ -7,9 +7,7 @@ Every flag of efficientnet_jax.main is accepted. The mock is entered inside the 
 TFDS in memory), before main() sets up JAX and reads the data, so each process of a multi-process
 run mocks its own reads. The mocked examples are deterministic, so all processes see the same data.
 """
-import sys
-
-from absl import app, flags
+from absl import flags
 import tensorflow_datasets as tfds
 
 from efficientnet_jax import main as main_lib  # defines the trainer's flags
@@ -23,4 +21,4 @@ def run(argv):
 
 
 if __name__ == '__main__':
-  app.run(run, argv=main_lib.with_repo_config_path(sys.argv))
+  main_lib.run(run)

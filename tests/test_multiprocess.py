@@ -2,9 +2,9 @@
 exactly like one process x 4 devices.
 
 Both runs go through `python -m efficientnet_jax.main`'s code path (tests/mock_main.py wraps it in
-`tfds.testing.mock_data`). `config.data_shards=2` cuts the data into the same two shards in both
-layouts (one per process, or both in the single process), so the global batches are identical and
-the loss curves must agree up to the order of floating-point reductions. The recipe keeps the
+`tfds.testing.mock_data`). What a step reads is a function of the global stream position only, so
+the global batches are identical in both layouts and the loss curves must agree up to the order of
+floating-point reductions. The recipe keeps the
 randomness the real smoke run has (Inception crops, flips, AutoAugment, dropout, stochastic
 depth), so a process that read, augmented or dropped differently would show.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +36,6 @@ CONFIG_FLAGS = [
     '--config.width=0.25',
     '--config.depth=0.25',
     '--config.augment=autoaugment',
-    '--config.data_shards=2',
     '--config.batch_size=16',
     '--config.eval_batch_size=8',
     f'--config.num_train_steps={NUM_STEPS}',
@@ -126,3 +127,28 @@ def test_two_processes_match_one_process(tmp_path):
   # Only process 0 writes metrics, and the checkpoint was written once, by both processes.
   assert len(glob.glob(os.path.join(str(multi), 'events.out.tfevents.*'))) == 1
   assert sorted(os.listdir(multi / 'checkpoints')) == [str(NUM_STEPS)]
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
+  """A preemption notice reaches one host only: JAX's preemption sync point makes both save the
+  same step, and both exit 0 (none saves alone, none waits for the other)."""
+  workdir = tmp_path / 'run'
+  address = f'127.0.0.1:{_free_port()}'
+  long_run = ['--config.num_train_steps=100000', '--config.log_input_ids=True',
+              '--config.log_every_steps=1000']
+  runs, logs = [], []
+  for process_id in range(2):
+    log_path = tmp_path / f'p{process_id}.log'
+    runs.append(_launch(workdir, log_path, [
+        '--local_device_count=2', f'--coordinator_address={address}', '--num_processes=2',
+        f'--process_id={process_id}', *long_run]))
+    logs.append(log_path)
+  ids = workdir / 'input_ids' / 'process_1.jsonl'
+  deadline = time.monotonic() + TIMEOUT_S
+  while time.monotonic() < deadline and not (ids.exists() and len(ids.read_text().splitlines()) >= 3):
+    time.sleep(0.1)
+  runs[1][0].send_signal(signal.SIGTERM)
+  _wait(runs, logs)  # both exit 0
+  steps = [re.findall(r'preempted at step (\d+); checkpoint saved', p.read_text()) for p in logs]
+  assert steps[0] and steps[0] == steps[1], steps
+  assert sorted(os.listdir(workdir / 'checkpoints')) == [steps[0][-1]]

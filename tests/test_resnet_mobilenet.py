@@ -206,7 +206,6 @@ def digits_config(name, data_dir):
   config.log_every_steps = 1
   config.drop_connect_rate = 0.0 if name == 'mobilenet-v1' else 0.1
   config.dropout = 0.1
-  config.shuffle_buffer_size = 64
   config.cache = False
   # XLA's own convolutions: one op per conv compiles faster than the CPU path's k*k slices
   # (the two are tested equal elsewhere), and compiling dominates a two-step run.
