@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from efficientnet_jax import checkpointing, optim, sharding, train
+from efficientnet_jax import checkpointing, errors, optim, sharding, train
 from efficientnet_jax.data import prefetch, sources
 from efficientnet_jax.models import B0_BLOCKS, create_model
 from support import event_files, load_config_module, read_scalars
@@ -284,7 +284,8 @@ def test_workdir_not_writable(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   workdir = blocker / 'workdir'  # Its parent is a regular file: not creatable, even by root.
-  with pytest.raises(PermissionError, match=r'workdir .*a_file/workdir.* is not writable.*'
+  # A user error (exit 2 with the message alone through main).
+  with pytest.raises(errors.UserError, match=r'workdir .*a_file/workdir.* is not writable.*'
                      r'--workdir'):
     train.train_and_evaluate(tiny_config(), str(workdir))
 
