@@ -116,7 +116,11 @@ class _ArrayRecordReader(Reader):
       records = np.empty(self.num_examples, dtype=object)
       records[:] = [self.source[i] for i in range(self.num_examples)]
       self.source = records
-    self.features = builder.info.features
+    # Only the two features the pipeline uses are parsed: a record's other features (bounding
+    # boxes, segmentation masks, captions) are skipped by the proto parser instead of decoded.
+    features = builder.info.features
+    self.features = tfds.features.FeaturesDict(
+        {image_key: features[image_key], label_key: features[label_key]})
     self.image_key, self.label_key = image_key, label_key
     self._decoders = ({image_key: tfds.decode.SkipDecoding()}
                       if isinstance(self.features[image_key], tfds.features.Image) else None)
