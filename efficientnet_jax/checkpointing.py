@@ -19,6 +19,7 @@ copies, orbax instead marks a finished step with a commit file and ignores steps
 """
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from typing import Any
@@ -29,13 +30,14 @@ import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
 
-from efficientnet_jax import errors
+from efficientnet_jax import configs_lib, errors
 
 # Config fields that change the state's structure or meaning, or the data a step reads: resuming
 # across a change in any of them is refused. Everything else (schedule length, logging) may change.
 FINGERPRINT_FIELDS = ('model', 'width', 'depth', 'num_classes', 'stem_stride', 'optimizer',
                       'momentum', 'dataset', 'freeze_backbone', 'batch_size', 'seed')
 BEST_DIR = 'best_checkpoint'
+CONFIG_FILE = 'config.json'
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -71,12 +73,50 @@ def check_workdir_writable(workdir: str) -> None:
     ) from e
 
 
-def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes the run's resolved config as workdir/config.json (process 0; replaced atomically).
+
+  What a checkpoint alone does not say (resolution, crop, interpolation, the dataset) is needed
+  to rebuild and use the model: `python -m efficientnet_jax.export --workdir=...` reads it.
+  """
+  if jax.process_index() != 0:
+    return
+  tf.io.gfile.makedirs(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  staging = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
+  with tf.io.gfile.GFile(staging, 'w') as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  tf.io.gfile.rename(staging, path, overwrite=True)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """workdir/config.json over the default recipe (fields it lacks keep their defaults), or None.
+
+  Fields this version does not know are dropped with a warning.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    stored = json.load(f)
+  config = configs_lib.base_config()
+  unknown = sorted(set(stored) - set(config))
+  if unknown:
+    logging.warning('%s: ignoring field(s) this version does not know: %s', path, unknown)
+  with config.unlocked():
+    for key in set(stored) & set(config):
+      config[key] = stored[key]
+  return config
+
+
+def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  # Read-only (export) leaves a live run's in-flight saves and temporaries alone.
   return ocp.CheckpointManager(
       directory,
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True,
-          cleanup_tmp_directories=True))
+          max_to_keep=None if read_only else max_to_keep, read_only=read_only,
+          enable_async_checkpointing=not read_only, create=not read_only,
+          cleanup_tmp_directories=not read_only))
 
 
 class Checkpointer:
@@ -87,10 +127,10 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
-               best_metric: str | None = None, best_mode: str = 'max'):
+               best_metric: str | None = None, best_mode: str = 'max', read_only: bool = False):
     self.directory = os.path.join(workdir, 'checkpoints')
     self.fingerprint = fingerprint(config)
-    self.manager = _manager(self.directory, config.keep_checkpoints)
+    self.manager = _manager(self.directory, config.keep_checkpoints, read_only)
     self.best_metric, self.best_mode = best_metric, best_mode
     self._best = None
     if best_metric:
@@ -126,6 +166,13 @@ class Checkpointer:
       logging.info('New best %s = %.6g at step %d, kept in %s.', self.best_metric, value, step,
                    self.best_manager.directory)
     return better
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores the checkpoint at `step` onto `abstract_state`, refusing another recipe's."""
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    self._check_fingerprint(meta, step)
+    return self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
 
   def restore_latest(self, abstract_state: Any) -> Any | None:
     """Restores the newest checkpoint that restores onto `abstract_state` (None if none exist).

@@ -14,6 +14,12 @@ in recent versions also reads WebP). A file that cannot be read or
 decoded gets one `error:` line on stderr and the others are still classified; the exit status is
 1 when any file failed (2 for a bad checkpoint or usage).
 
+`--model=PATH` classifies with an exported artifact instead (`python -m efficientnet_jax.export
+--format=...`: StableHLO, SavedModel, TFLite or ONNX), run in its runtime (`--runtime=openvino`
+for ONNX in OpenVINO instead of ONNX Runtime), with the preprocessing from its `PATH.json`: the
+same crop and resize, and the normalisation inside the artifact. That is how to check an export
+on your own photos.
+
 From Python (the notebook does this):
 
     from efficientnet_jax import pretrained, predict
@@ -195,9 +201,25 @@ def format_predictions(predictions: Sequence[Prediction]) -> str:
 # Command line.
 
 
-def run(checkpoint: str, paths: Sequence[str], top_k: int = 5, batch_size: int = 32,
-        out=None, err=None) -> int:
+def _load(checkpoint: str | None, model_path: str | None, runtime: str | None, batch_size: int):
+  """(logits of a uint8 batch, metadata, class names) of a pretrained directory or an artifact."""
+  if model_path:
+    from efficientnet_jax import artifacts  # pylint: disable=import-outside-toplevel
+    artifact = artifacts.open_artifact(model_path, runtime)
+    metadata = artifact.metadata
+    return artifact, metadata, class_names(metadata, int(metadata['num_classes']))
+  from efficientnet_jax import pretrained  # pylint: disable=import-outside-toplevel
+  model, variables, metadata = pretrained.load(checkpoint)
+  logits_of = lambda batch: _logits(model, variables, normalize(batch, metadata), batch_size)
+  return logits_of, metadata, class_names(metadata, getattr(model, 'num_classes', None))
+
+
+def run(checkpoint: str | None, paths: Sequence[str], top_k: int = 5, batch_size: int = 32,
+        out=None, err=None, *, model: str | None = None, runtime: str | None = None) -> int:
   """The command line's work: prints each image's top-k to `out` and errors to `err`.
+
+  `checkpoint` is a pretrained directory; or `model` an exported artifact, run in `runtime`
+  (default: its format's first, see `efficientnet_jax.artifacts`).
 
   Returns the exit status: 0 when every image was classified, 1 when some failed, 2 when the
   checkpoint cannot be loaded or no image was given.
@@ -206,22 +228,25 @@ def run(checkpoint: str, paths: Sequence[str], top_k: int = 5, batch_size: int =
   err = err or sys.stderr
   if not paths:
     print('error: no images given. Usage: python -m efficientnet_jax.predict '
-          '--checkpoint=DIR IMAGE [IMAGE ...]', file=err)
+          '--checkpoint=DIR (or --model=EXPORTED) IMAGE [IMAGE ...]', file=err)
     return 2
-  from efficientnet_jax import pretrained  # pylint: disable=import-outside-toplevel
+  if bool(checkpoint) == bool(model):
+    print('error: give either --checkpoint=DIR (a pretrained directory) or --model=PATH (an '
+          'exported artifact).', file=err)
+    return 2
+  batch_size = max(1, min(int(batch_size), len(paths)))
+  source = model or checkpoint
   try:
-    model, variables, metadata = pretrained.load(checkpoint)
-    names = class_names(metadata, getattr(model, 'num_classes', None))
+    logits_of, metadata, names = _load(checkpoint, model, runtime, batch_size)
   except Exception as e:  # pylint: disable=broad-except  (any cause: report it, exit 2)
-    print(f'error: cannot load the checkpoint {checkpoint!r}: {type(e).__name__}: {e}', file=err)
+    print(f'error: cannot load {"the model" if model else "the checkpoint"} {source!r}: '
+          f'{type(e).__name__}: {e}', file=err)
     return 2
 
   pending, failed = [], 0
-  batch_size = max(1, min(int(batch_size), len(paths)))
 
   def flush():
-    images = normalize(np.stack([im for _, im in pending]), metadata)
-    logits = _logits(model, variables, images, batch_size)
+    logits = logits_of(np.stack([im for _, im in pending]))
     for (path, _), top in zip(pending, top_k_predictions(logits, top_k, names)):
       print(path, file=out)
       print(format_predictions(top), file=out)
@@ -247,16 +272,20 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
-  return run(flags.FLAGS.checkpoint, argv[1:], flags.FLAGS.top_k, flags.FLAGS.batch_size)
+  return run(flags.FLAGS.checkpoint, argv[1:], flags.FLAGS.top_k, flags.FLAGS.batch_size,
+             model=flags.FLAGS.model, runtime=flags.FLAGS.runtime)
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('checkpoint', None, 'Pretrained directory: metadata.json and orbax '
                       'variables, e.g. written by python -m efficientnet_jax.convert.')
+  flags.DEFINE_string('model', None, 'An exported artifact (python -m efficientnet_jax.export '
+                      '--format=...) instead of --checkpoint; its metadata is MODEL.json.')
+  flags.DEFINE_string('runtime', None, '--model: the runtime (jax, tensorflow, litert, '
+                      'onnxruntime, openvino); default: the format\'s own.')
   flags.DEFINE_integer('top_k', 5, 'Classes printed per image.')
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
-  flags.mark_flag_as_required('checkpoint')
 
 
 if __name__ == '__main__':

@@ -300,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   mesh = sharding.create_mesh()
   check_config(config, mesh)
   checkpointing.check_workdir_writable(workdir)
+  checkpointing.save_config(workdir, config)  # what `export --workdir` rebuilds the model from
   compilation.use_persistent_cache(config.compilation_cache, workdir)
   source = sources.open_source(config)
   info = sources.get_dataset_info(config, source=source)
