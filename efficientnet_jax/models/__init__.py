@@ -22,13 +22,14 @@ from efficientnet_jax.models.scaling import (ALPHA, BETA, GAMMA, compound_coeffi
                                              round_filters, round_repeats)
 from efficientnet_jax.models.variants import (ALL_VARIANTS, B0_BLOCKS, CONVNET_VARIANTS,
                                               VARIANTS, BlockArgs, VariantSpec,
-                                              decode_block_string, get_variant)
+                                              decode_block_string, decode_blocks, get_variant)
 
 __all__ = [
     'ALPHA', 'BETA', 'GAMMA', 'ALL_VARIANTS', 'B0_BLOCKS', 'CONVNET_VARIANTS', 'FAMILIES',
     'VARIANTS', 'BlockArgs', 'CONV_IMPLS', 'EfficientNet', 'MBConvBlock', 'MobileNetV1',
     'MobileNetV2', 'ResNet', 'VariantSpec', 'compound_coefficients', 'create_model',
-    'decode_block_string', 'get_variant', 'make_inference_fn', 'round_filters', 'round_repeats',
+    'decode_block_string', 'decode_blocks', 'get_variant', 'make_inference_fn', 'round_filters',
+    'round_repeats',
 ]
 
 
@@ -63,8 +64,9 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32,
 
   `overrides` replace any field of the family's module, e.g. `width_coefficient=0.5`,
   `stem_stride=1`, `drop_connect_rate=0.0`, `conv_impl='xla'` (EfficientNet also takes
-  `features_only=True`). The aliases `width`, `depth` and `dropout` are accepted for the three
-  scaled coefficients of every family.
+  `features_only=True`, and `blocks=` a block table as block strings or `BlockArgs`, e.g. an
+  architecture search's result). The aliases `width`, `depth` and `dropout` are accepted for the
+  three scaled coefficients of every family.
   """
   spec = get_variant(name)
   family = FAMILIES[spec.family]
@@ -79,4 +81,6 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32,
         f'create_model got unknown option(s) {unknown} for {name} ({family.module.__name__}); '
         f'valid options are {sorted(valid | set(aliases))}.')
   fields.update(overrides)
+  if 'blocks' in overrides:
+    fields['blocks'] = decode_blocks(fields['blocks'])
   return family.module(**fields)

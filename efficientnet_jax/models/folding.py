@@ -29,6 +29,12 @@ def _fold(kernel: jax.Array, bn_params: dict, bn_stats: dict, eps: float):
   return {'kernel': kernel * inv, 'bias': bn_params['bias'] - bn_stats['mean'] * inv}
 
 
+def supports_blocks(blocks) -> bool:
+  """Whether every block is an MBConv with an identity skip or none (no regular conv, no
+  pooling skip), the blocks this path implements."""
+  return all(b.conv_type == 'depthwise' and b.skip in ('identity', 'none') for b in blocks)
+
+
 def fold_batch_norm(model: EfficientNet, variables: Any) -> dict:
   """Returns the folded parameters of `model` (an EfficientNet) for `folded_forward`.
 
@@ -38,6 +44,10 @@ def fold_batch_norm(model: EfficientNet, variables: Any) -> dict:
   """
   if not isinstance(model, EfficientNet):
     raise TypeError(f'fold_batch_norm supports EfficientNet modules, not {type(model).__name__}.')
+  if not supports_blocks(model.blocks):
+    raise ValueError('fold_batch_norm supports MBConv blocks with an identity skip or none; this '
+                     'network has a regular conv or a pooling skip. Run it unfolded '
+                     '(make_inference_fn(..., fold_bn=False)).')
   params, stats, eps = variables['params'], variables['batch_stats'], model.bn_epsilon
   folded = {'stem_conv': _fold(params['stem_conv']['kernel'], params['stem_bn'],
                                stats['stem_bn'], eps),
@@ -65,7 +75,7 @@ def _conv(x, p, stride=1):
   return layers.conv_matmul(x, p['kernel'], stride) + p['bias']
 
 
-def _mbconv(x, p, stride: int, act):
+def _mbconv(x, p, stride: int, act, skip: str):
   """One MBConv block (`efficientnet.mbconv`) on folded parameters: convs with a bias."""
   kernel, expanded = p['dwconv']['kernel'], 'expand_conv' in p
 
@@ -82,7 +92,7 @@ def _mbconv(x, p, stride: int, act):
   conv = lambda name: (lambda x: _conv(x, p[name])) if name in p else None
   ops = MBConvOps(expand=conv('expand_conv'), depthwise=depthwise, se_reduce=conv('se_reduce'),
                   se_expand=conv('se_expand'), project=conv('project_conv'))
-  return mbconv(x, ops, stride=stride, act=act)
+  return mbconv(x, ops, stride=stride, act=act, skip=skip)
 
 
 def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, jax.Array],
@@ -98,8 +108,8 @@ def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, ja
     for i in range(repeats):
       name = block_name(stage + 1, i)
       stride = args.stride if i == 0 else 1
-      steps.append((name, stride,
-                    lambda f, x, name=name, s=stride: _mbconv(x, f[name], s, act)))
+      steps.append((name, stride, lambda f, x, name=name, s=stride, skip=args.skip:
+                    _mbconv(x, f[name], s, act, skip)))
 
   def head(f, x):
     x = jnp.mean(act(_conv(x, f['top_conv'])), axis=(1, 2))

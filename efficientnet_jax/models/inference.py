@@ -34,10 +34,12 @@ def default_chunk_size() -> int | None:
 
 
 def can_fold(model: nn.Module) -> bool:
-  """Whether the folded-BN CPU path applies: a float32 EfficientNet classifier on CPU convs."""
+  """Whether the folded-BN CPU path applies: a float32 EfficientNet classifier on CPU convs, made
+  of MBConv blocks (a searched network's regular convs and pooling skips run unfolded)."""
   return (isinstance(model, EfficientNet) and not model.features_only
           and jnp.dtype(model.dtype) == jnp.float32
-          and layers.resolve_conv_impl(model.conv_impl) == 'cpu')
+          and layers.resolve_conv_impl(model.conv_impl) == 'cpu'
+          and folding.supports_blocks(model.blocks))
 
 
 def stage_chunk(side: int) -> int:

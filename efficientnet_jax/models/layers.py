@@ -59,6 +59,13 @@ def pad_for_depthwise(x: jax.Array, kernel_size: int, stride: int) -> jax.Array:
                      same_padding(w, kernel_size, stride), (0, 0)))
 
 
+def average_pool(x: jax.Array, stride: int) -> jax.Array:
+  """stride x stride average pooling with that stride and TF 'SAME' padding, as
+  `tf.nn.avg_pool2d`: the padding is not counted in a border window's mean."""
+  return nn.avg_pool(x, (stride, stride), (stride, stride), padding='SAME',
+                     count_include_pad=False)
+
+
 def depthwise_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """Depthwise conv of an already padded input (VALID) as a sum of k*k strided slices times taps.
 

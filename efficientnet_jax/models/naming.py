@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from efficientnet_jax.models.scaling import scaled_stages, stem_head_filters
 from efficientnet_jax.models.variants import VARIANTS
 
-# Our layer names inside one MBConv block, in the order the block applies them.
+# Our layer names inside one MBConv block, in the order the block applies them (a pooling skip's
+# projection, in searched networks only, last).
 BLOCK_LAYERS = ('expand_conv', 'expand_bn', 'dwconv', 'bn', 'se_reduce', 'se_expand',
-                'project_conv', 'project_bn')
+                'project_conv', 'project_bn', 'skip_conv', 'skip_bn')
 # Sections of the network, for sorting: stem, blocks, head, then anything unrecognised.
 STEM, BLOCKS, HEAD, OTHER = range(4)
 TOP_LAYERS = {'stem_conv': (STEM, 0), 'stem_bn': (STEM, 1), 'top_conv': (HEAD, 0),

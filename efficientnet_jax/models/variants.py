@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import re
 
 from efficientnet_jax import errors
@@ -18,9 +19,22 @@ class UnknownModelError(errors.UserError, ValueError):
   """A model name that no registry entry has."""
 
 
+# How a block convolves (MnasNet's ConvOp; `expand_ratio` tells MBConv3/6 from the depthwise conv):
+# 'depthwise' is MBConv, a 1x1 expand (skipped at expand ratio 1) and a kxk depthwise conv;
+# 'regular' puts one kxk conv in their place (EfficientNetV2's fused MBConv, conv_type 1).
+CONV_TYPES = ('depthwise', 'regular')
+# MnasNet's SkipOp: 'identity' adds the input where the shapes allow (stride 1, in = out);
+# 'pool' adds it on every block, average-pooled by the stride and projected by a 1x1 conv where
+# the width changes; 'none' never adds it (the official strings' `noskip`).
+SKIPS = ('identity', 'pool', 'none')
+# The block-string token of each non-default conv type and skip.
+_CONV_TYPE_TOKENS = {'depthwise': 'c0', 'regular': 'c1'}
+_SKIP_TOKENS = {'identity': '', 'pool': 'poolskip', 'none': 'noskip'}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockArgs:
-  """One stage of MBConv blocks, in baseline (B0) channels and repeats."""
+  """One stage of blocks, in baseline (B0) channels and repeats."""
   repeats: int
   kernel_size: int
   stride: int
@@ -28,16 +42,35 @@ class BlockArgs:
   in_filters: int
   out_filters: int
   se_ratio: float  # 0 disables squeeze-and-excitation.
+  conv_type: str = 'depthwise'  # one of CONV_TYPES
+  skip: str = 'identity'  # one of SKIPS
+
+  def __post_init__(self):
+    if self.conv_type not in CONV_TYPES:
+      raise ValueError(f'Unknown conv_type {self.conv_type!r}; valid values: '
+                       f'{", ".join(CONV_TYPES)}.')
+    if self.skip not in SKIPS:
+      raise ValueError(f'Unknown skip {self.skip!r}; valid values: {", ".join(SKIPS)}.')
 
   def encode(self) -> str:
-    """The official block-string form, e.g. 'r1_k3_s11_e1_i32_o16_se0.25'."""
-    return (f'r{self.repeats}_k{self.kernel_size}_s{self.stride}{self.stride}_e{self.expand_ratio}'
-            f'_i{self.in_filters}_o{self.out_filters}_se{self.se_ratio:g}')
+    """The official block-string form, e.g. 'r1_k3_s11_e1_i32_o16_se0.25'.
+
+    A regular conv adds `_c1` before the SE ratio, a skip other than the identity `_noskip` or
+    `_poolskip` at the end; the defaults add nothing, so every MBConv table keeps its strings.
+    """
+    text = (f'r{self.repeats}_k{self.kernel_size}_s{self.stride}{self.stride}_e{self.expand_ratio}'
+            f'_i{self.in_filters}_o{self.out_filters}')
+    if self.conv_type != 'depthwise':
+      text += f'_{_CONV_TYPE_TOKENS[self.conv_type]}'
+    text += f'_se{self.se_ratio:g}'
+    if _SKIP_TOKENS[self.skip]:
+      text += f'_{_SKIP_TOKENS[self.skip]}'
+    return text
 
 
 _BLOCK_RE = re.compile(
     r'^r(?P<r>\d+)_k(?P<k>\d+)_s(?P<s>\d)(?P<s2>\d)_e(?P<e>\d+)_i(?P<i>\d+)_o(?P<o>\d+)'
-    r'(?:_se(?P<se>\d+(?:\.\d+)?))?$')
+    r'(?:_c(?P<c>[01]))?(?:_se(?P<se>\d+(?:\.\d+)?))?(?:_(?P<skip>noskip|poolskip))?$')
 
 
 def decode_block_string(block_string: str) -> BlockArgs:
@@ -46,12 +79,28 @@ def decode_block_string(block_string: str) -> BlockArgs:
   if not match or match['s'] != match['s2']:
     raise ValueError(
         f'Cannot parse block string {block_string!r}. Expected the official form '
-        "'r<repeats>_k<kernel>_s<stride><stride>_e<expand>_i<in>_o<out>[_se<ratio>]', "
-        "for example 'r2_k3_s22_e6_i16_o24_se0.25' (square strides only).")
+        "'r<repeats>_k<kernel>_s<stride><stride>_e<expand>_i<in>_o<out>[_c1][_se<ratio>]"
+        "[_noskip|_poolskip]', for example 'r2_k3_s22_e6_i16_o24_se0.25' (square strides only).")
+  conv_type = {token: name for name, token in _CONV_TYPE_TOKENS.items()}[f'c{match["c"] or 0}']
+  skip = {token: name for name, token in _SKIP_TOKENS.items()}[match['skip'] or '']
   return BlockArgs(
       repeats=int(match['r']), kernel_size=int(match['k']), stride=int(match['s']),
       expand_ratio=int(match['e']), in_filters=int(match['i']), out_filters=int(match['o']),
-      se_ratio=float(match['se'] or 0.0))
+      se_ratio=float(match['se'] or 0.0), conv_type=conv_type, skip=skip)
+
+
+def decode_blocks(blocks) -> tuple[BlockArgs, ...]:
+  """A block table from block strings or `BlockArgs` (mixed is fine), as a tuple."""
+  if isinstance(blocks, (str, BlockArgs)):
+    raise TypeError('Expected a sequence of blocks (block strings or BlockArgs), not one block; '
+                    f'got {blocks!r}. Wrap it in a tuple.')
+  return tuple(b if isinstance(b, BlockArgs) else decode_block_string(b) for b in blocks)
+
+
+def block_table_digest(blocks) -> str:
+  """Eight hex digits naming a block table, for directory names (same table, same digest)."""
+  text = ' '.join(b.encode() for b in decode_blocks(blocks))
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 # EfficientNet-B0, found by the paper's architecture search (Table 1).
