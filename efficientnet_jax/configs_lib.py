@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.resolution = ml_collections.config_dict.placeholder(int)
   # Dropout before the classifier.
   config.dropout = ml_collections.config_dict.placeholder(float)
+  # EfficientNet only: a block table replacing the variant's, as official block strings
+  # ('r1_k3_s11_e1_i32_o16_se0.25', ...), e.g. an architecture search's result. None: the
+  # variant's own (B0's table for every B and Lite variant).
+  config.blocks = ml_collections.config_dict.placeholder(tuple)
   # Stochastic depth: the last block's drop rate; block i of N drops with rate * i / N.
   config.drop_connect_rate = 0.2
   # Number of output classes; must match the dataset's label count.

@@ -58,13 +58,15 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   if config.dtype not in COMPUTE_DTYPES:
     raise ValueError(f'Unknown config.dtype {config.dtype!r}; valid: {", ".join(COMPUTE_DTYPES)}.')
   fields = configs_lib.model_fields(config)
+  # A block table replaces the variant's (EfficientNet only); absent from older configs.
+  blocks = {'blocks': config.blocks} if config.get('blocks') is not None else {}
   return create_model(
       config.model, num_classes=num_classes or config.num_classes,
       dtype=COMPUTE_DTYPES[config.dtype], width=fields['width'], depth=fields['depth'],
       dropout=fields['dropout'], drop_connect_rate=config.drop_connect_rate,
       stem_stride=config.stem_stride, bn_momentum=config.bn_momentum,
       bn_epsilon=config.bn_epsilon, bn_group_size=config.bn_group_size,
-      conv_impl=config.conv_impl)
+      conv_impl=config.conv_impl, **blocks)
 
 
 def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:

@@ -122,7 +122,8 @@ def write_markdown(path: str | os.PathLike | None, rows: Sequence[Row],
 def plot_series(path: str | os.PathLike, series: Mapping[str, Iterable[tuple[float, float]]],
                 xlabel: str, ylabel: str, logx: bool = False, title: str | None = None,
                 annotate: Mapping[str, Sequence[str]] | None = None, markers: bool = True,
-                logy: bool = False, lines: bool = True) -> None:
+                logy: bool = False, lines: bool = True,
+                styles: Mapping[str, Mapping[str, Any]] | None = None) -> None:
   """Plots one line (or scatter) per label and saves a PNG.
 
   Args:
@@ -133,6 +134,8 @@ def plot_series(path: str | os.PathLike, series: Mapping[str, Iterable[tuple[flo
     annotate: label -> one text per point (e.g. 'w=1.4'), written next to each point.
     markers: draw a marker at every point.
     lines: join the points of a series; False gives a scatter.
+    styles: label -> matplotlib `plot` keywords that override the above for that series, e.g.
+      {'reward 0.9': {'linestyle': ':', 'marker': None, 'color': 'gray'}}.
   """
   import matplotlib
   matplotlib.use('Agg')  # No display; must precede pyplot's import in a fresh process.
@@ -146,8 +149,9 @@ def plot_series(path: str | os.PathLike, series: Mapping[str, Iterable[tuple[flo
         continue
       xs = [float(p[0]) for p in points]
       ys = [float(p[1]) for p in points]
-      ax.plot(xs, ys, marker='o' if markers else None, linestyle='-' if lines else 'none',
-              label=label)
+      style = {'marker': 'o' if markers else None, 'linestyle': '-' if lines else 'none',
+               **(styles or {}).get(label, {})}
+      ax.plot(xs, ys, label=label, **style)
       texts = (annotate or {}).get(label)
       if texts:
         for x, y, text in zip(xs, ys, texts):

@@ -32,14 +32,15 @@ from absl import logging
 from etils import epath
 
 from efficientnet_jax import complexity, configs_lib, train
+from efficientnet_jax.models import variants
 
-__all__ = ['RESULT_FILE', 'Candidate', 'measure', 'network_name', 'run_candidate',
-           'run_candidates', 'scaled_config', 'top1_of']
+__all__ = ['RESULT_FILE', 'UNCHECKED_FIELDS', 'Candidate', 'measure', 'network_name',
+           'run_candidate', 'run_candidates', 'scaled_config', 'top1_of']
 
 RESULT_FILE = 'result.json'
 # Fields that do not change what a run computes: a finished result stays valid if they differ
 # (e.g. the data moved, or logging got more frequent).
-_UNCHECKED_FIELDS = frozenset({
+UNCHECKED_FIELDS = frozenset({
     'data_dir', 'manual_dir', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'profile', 'prefetch_batches', 'eval_batch_size', 'eval_every_steps', 'conv_impl'})
 
@@ -82,10 +83,14 @@ def network_name(config: ml_collections.ConfigDict) -> str:
   """A directory name saying which network a config trains, e.g. 'efficientnet-b0-w1.1-d1.2-r258'.
 
   Studies name candidates by the network, so the same network reached by two routes (the
-  baseline of every curve, the step-1 winner at phi = 1) is trained once.
+  baseline of every curve, the step-1 winner at phi = 1) is trained once. A config with its own
+  block table (`config.blocks`) adds the table's digest: 'efficientnet-b0-blocks1a2b3c4d-w1-...'.
   """
   config = configs_lib.resolve(config)
-  return f'{config.model}-w{config.width:.6g}-d{config.depth:.6g}-r{int(config.resolution)}'
+  blocks = config.get('blocks')
+  table = f'-blocks{variants.block_table_digest(blocks)}' if blocks is not None else ''
+  return (f'{config.model}{table}-w{config.width:.6g}-d{config.depth:.6g}'
+          f'-r{int(config.resolution)}')
 
 
 def measure(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -107,7 +112,7 @@ def top1_of(metrics: Mapping[str, float]) -> float:
 def _comparable(config_dict: Mapping[str, Any]) -> dict[str, Any]:
   # Through JSON, so a config read back from result.json compares equal (tuples become lists).
   plain = json.loads(json.dumps(dict(config_dict), sort_keys=True, default=str))
-  return {k: v for k, v in plain.items() if k not in _UNCHECKED_FIELDS}
+  return {k: v for k, v in plain.items() if k not in UNCHECKED_FIELDS}
 
 
 def _check_same_recipe(path: epath.Path, saved: Mapping[str, Any],
@@ -131,13 +136,16 @@ def _write_json(path: epath.Path, data: Mapping[str, Any]) -> None:
 
 
 def run_candidate(candidate: Candidate, workdir: str | epath.PathLike, *, train_model: bool = True,
-                  train_fn: TrainFn | None = None) -> dict[str, Any]:
+                  train_fn: TrainFn | None = None,
+                  extra: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                  ) -> dict[str, Any]:
   """Trains one candidate in `workdir/<name>` (or reads its finished result) and returns its row.
 
   The row holds the candidate's name and labels, model, width, depth, resolution, params, madds
   and, when trained, top1, top5, eval_loss, train_seconds and 'cached' (True when read back from
   result.json rather than trained now). With `train_model=False` only the cost is measured and
-  nothing is written.
+  nothing is written. `extra(row)` adds fields computed from a trained row (e.g. a search's
+  reward) to the row and to result.json; for a cached row they are computed again.
   """
   config = configs_lib.resolve(candidate.config)
   directory = epath.Path(workdir) / candidate.name
@@ -148,6 +156,7 @@ def run_candidate(candidate: Candidate, workdir: str | epath.PathLike, *, train_
     saved = json.loads(path.read_text())
     _check_same_recipe(path, saved['config'], config)
     row.update({k: saved[k] for k in _RESULT_FIELDS if k in saved})
+    row.update(extra(row) if extra else {})
     row['cached'] = True
     return row
   row.update(measure(config))
@@ -163,10 +172,12 @@ def run_candidate(candidate: Candidate, workdir: str | epath.PathLike, *, train_
       'eval_loss': float(metrics.get('eval_ema/loss', metrics.get('eval/loss', float('nan')))),
       'train_seconds': round(seconds, 1),
   })
+  added = dict(extra(row)) if extra else {}
+  row.update(added)
   if jax.process_index() == 0:
     saved = {k: row[k] for k in ('name', 'model', 'width', 'depth', 'resolution',
                                  *_RESULT_FIELDS)}
-    _write_json(path, {**saved, 'config': config.to_dict()})
+    _write_json(path, {**saved, **added, 'config': config.to_dict()})
   row['cached'] = False
   return row
 
