@@ -115,6 +115,7 @@ def _manager(directory: str, max_to_keep: int, read_only: bool = False) -> ocp.C
       directory,
       options=ocp.CheckpointManagerOptions(
           max_to_keep=None if read_only else max_to_keep, read_only=read_only,
+          save_interval_steps=0 if read_only else 1,
           enable_async_checkpointing=not read_only, create=not read_only,
           cleanup_tmp_directories=not read_only))
 
