@@ -85,7 +85,8 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   staging = f'{path}.tmp-{uuid.uuid4().hex[:8]}'
   with tf.io.gfile.GFile(staging, 'w') as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
+    # Best effort: a value JSON cannot hold is written as its repr, never failing the run.
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   tf.io.gfile.rename(staging, path, overwrite=True)
 
 
@@ -104,8 +105,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict | None:
   if unknown:
     logging.warning('%s: ignoring field(s) this version does not know: %s', path, unknown)
   with config.unlocked():
-    for key in set(stored) & set(config):
-      config[key] = stored[key]
+    for key in sorted(set(stored) & set(config)):
+      try:
+        config[key] = stored[key]
+      except (TypeError, ValueError) as e:  # e.g. a value written as its repr
+        logging.warning('%s: keeping the default of %s (%s).', path, key, e)
   return config
 
 
