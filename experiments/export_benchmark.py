@@ -30,23 +30,14 @@ import subprocess
 import sys
 import time
 
+from benchmark import _time_calls  # experiments/benchmark.py: warm-up calls, then timed calls
+
 RUNTIMES = ('jax', 'stablehlo', 'tensorflow', 'litert', 'onnxruntime', 'openvino')
 # The artifact each runtime reads: a pretrained directory ('pretrained') or an export format.
 SOURCE = {'jax': 'pretrained', 'stablehlo': 'stablehlo', 'tensorflow': 'savedmodel',
           'litert': 'tflite', 'onnxruntime': 'onnx', 'openvino': 'onnx'}
 SUFFIX = {'pretrained': '', 'stablehlo': '.stablehlo', 'savedmodel': '_savedmodel',
           'tflite': '.tflite', 'onnx': '.onnx'}
-
-
-def _time_calls(step, warmup: int, iters: int) -> list[float]:
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def _median(times):
