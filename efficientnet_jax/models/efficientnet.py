@@ -163,6 +163,7 @@ class EfficientNet(nn.Module):
   conv_impl: str = 'auto'
   features_only: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   def stage_plan(self) -> list[tuple[int, BlockArgs]]:
     """The scaled (repeats, block args) of each stage, in real channels."""
@@ -194,7 +195,7 @@ class EfficientNet(nn.Module):
         features[f'stride_{stride}'] = x
       for i in range(repeats):
         # The true input width: for Lite the fixed stem can differ from the table's in_filters.
-        x = MBConvBlock(
+        x = layers.block_class(MBConvBlock, self.remat)(
             in_filters=x.shape[-1],
             out_filters=args.out_filters, kernel_size=args.kernel_size,
             stride=args.stride if i == 0 else 1, expand_ratio=args.expand_ratio,

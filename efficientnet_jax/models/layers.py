@@ -18,12 +18,12 @@ from jax import lax
 CONV_IMPLS = ('auto', 'xla', 'cpu')
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """Maps 'auto' to 'cpu' on the CPU backend and to 'xla' elsewhere."""
+def resolve_conv_impl(conv_impl: str, platform: str | None = None) -> str:
+  """Maps 'auto' to 'cpu' on the CPU and to 'xla' elsewhere (`platform`, default: the backend)."""
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f'Unknown conv_impl {conv_impl!r}; valid values: {", ".join(CONV_IMPLS)}.')
   if conv_impl == 'auto':
-    return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
+    return 'cpu' if (platform or jax.default_backend()) == 'cpu' else 'xla'
   return conv_impl
 
 
@@ -218,6 +218,17 @@ class BatchNorm(nn.Module):
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
     return (y * scale + bias).astype(self.dtype)
+
+
+def block_class(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+  """`cls` (a block called as `block(x, train)`), rematerialised when `remat`.
+
+  A rematerialised block keeps only its input for the backward pass and recomputes its
+  activations there: for B7 and up at their resolutions, the expanded activations of every block
+  are most of a TPU step's memory. Parameter names are unchanged.
+  """
+  # static_argnums counts `self`: `train` (argument 2) selects BatchNorm's branch in Python.
+  return nn.remat(cls, static_argnums=(2,)) if remat else cls
 
 
 def activation_fn(name: str):

@@ -96,6 +96,7 @@ class MobileNetV1(nn.Module):
   bn_group_size: int = 0
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @property
   def total_stride(self) -> int:
@@ -117,7 +118,7 @@ class MobileNetV1(nn.Module):
     for stage, args in enumerate(
         scaled_blocks(self.blocks, self.width_coefficient, self.depth_coefficient)):
       for i in range(args.repeats):
-        x = DepthwiseSeparableBlock(
+        x = layers.block_class(DepthwiseSeparableBlock, self.remat)(
             args.out_filters, args.kernel_size, args.stride if i == 0 else 1,
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
             bn_group_size=self.bn_group_size, conv_impl=self.conv_impl, dtype=self.dtype,
@@ -144,6 +145,7 @@ class MobileNetV2(nn.Module):
   bn_group_size: int = 0
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @property
   def total_stride(self) -> int:
@@ -162,7 +164,7 @@ class MobileNetV2(nn.Module):
     block_index = 0
     for stage, args in enumerate(plan):
       for i in range(args.repeats):
-        x = MBConvBlock(
+        x = layers.block_class(MBConvBlock, self.remat)(
             in_filters=x.shape[-1], out_filters=args.out_filters,
             kernel_size=args.kernel_size, stride=args.stride if i == 0 else 1,
             expand_ratio=args.expand_ratio, se_ratio=0.0,

@@ -97,6 +97,7 @@ class ResNet(nn.Module):
   bn_group_size: int = 0
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   def stage_plan(self) -> list[ResNetStage]:
     """The scaled stages, in real channels and repeats."""
@@ -126,7 +127,7 @@ class ResNet(nn.Module):
     block_index = 0
     for s, stage in enumerate(plan):
       for i in range(stage.repeats):
-        x = BottleneckBlock(
+        x = layers.block_class(BottleneckBlock, self.remat)(
             stage.filters, stage.stride if i == 0 else 1,
             drop_rate=self.drop_connect_rate * block_index / total_blocks,
             bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
