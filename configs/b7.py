@@ -10,5 +10,5 @@ from efficientnet_jax import configs_lib
 
 def get_config(arg=None):
   return configs_lib.variant_config(
-      'efficientnet-b7', batch_size=4096, fsdp=True, arg=arg,
+      'efficientnet-b7', batch_size=4096, fsdp_axis_size=8, arg=arg,
       coefficients=dict(width=2.0, depth=3.1, resolution=600, dropout=0.5))

@@ -10,5 +10,5 @@ from efficientnet_jax import configs_lib
 
 def get_config(arg=None):
   return configs_lib.variant_config(
-      'efficientnet-b8', batch_size=4096, fsdp=True, arg=arg,
+      'efficientnet-b8', batch_size=4096, fsdp_axis_size=16, arg=arg,
       coefficients=dict(width=2.2, depth=3.6, resolution=672, dropout=0.5))

@@ -10,5 +10,5 @@ from efficientnet_jax import configs_lib
 
 def get_config(arg=None):
   return configs_lib.variant_config(
-      'efficientnet-l2', batch_size=4096, fsdp=True, arg=arg,
+      'efficientnet-l2', batch_size=4096, fsdp_axis_size=16, arg=arg,
       coefficients=dict(width=4.3, depth=5.3, resolution=800, dropout=0.5))

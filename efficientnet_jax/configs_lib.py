@@ -21,11 +21,16 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping, Sequence
 
+import jax
 import ml_collections
 from absl import logging
 
+from efficientnet_jax import errors
+from efficientnet_jax.models.layers import resolve_conv_impl
 from efficientnet_jax.models.variants import get_variant
 
+# Activation dtypes a config may name; 'auto' is bfloat16 on TPU and GPU, float32 on CPU.
+DTYPES = ('auto', 'float32', 'bfloat16')
 # The config fields whose default is the variant's own value (VariantSpec attributes).
 MODEL_FIELDS = ('width', 'depth', 'resolution', 'dropout')
 _FIELD_TYPES = {'width': float, 'depth': float, 'resolution': int, 'dropout': float}
@@ -63,10 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.bn_epsilon = 1e-3
   # Examples per BatchNorm statistics group; 0 means the whole global batch (synchronised BN).
   config.bn_group_size = 0
-  # Compute dtype of activations: 'float32' or 'bfloat16' (parameters, loss, logits stay float32).
-  config.dtype = 'float32'
+  # Compute dtype of activations: 'auto' (bfloat16 on TPU and GPU, float32 on CPU), 'float32' or
+  # 'bfloat16'. Parameters, BN statistics, the loss and the logits stay float32 in every case.
+  config.dtype = 'auto'
   # Convolution implementation: 'auto' (fast path on CPU, XLA's conv on TPU/GPU), 'xla', 'cpu'.
   config.conv_impl = 'auto'
+  # Rematerialise every block (recompute its activations in the backward pass): less memory for
+  # the large variants at their resolutions, at about a third more compute.
+  config.remat = False
 
   # --- Data --------------------------------------------------------------------------------
   # TFDS name, 'digits' for the offline quickstart, or 'folder:/path' for class-named folders.
@@ -158,10 +167,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 0.0
 
   # --- Parallelism ---------------------------------------------------------------------------
-  # Shard parameters and optimiser state over the 'data' axis (FSDP) instead of replicating.
-  config.fsdp = False
-  # Only shard arrays with at least this many elements when fsdp is on.
-  config.fsdp_min_size = 2**16
+  # The mesh is ('data', 'fsdp'): groups of fsdp_axis_size devices each hold a 1/fsdp_axis_size
+  # share of the parameters, optimiser state and EMA (FSDP); 1 replicates them. The size must
+  # divide the devices of a slice; it does not grow with the pod (sharding.py says why).
+  config.fsdp_axis_size = 1
+  # Only shard arrays with at least this many elements (smaller ones stay replicated).
+  config.fsdp_min_size = 2**14
 
   # --- Loop --------------------------------------------------------------------------------
   # Global batch size across all devices and hosts (must divide by the device count).
@@ -208,6 +219,7 @@ def smoke(config: ml_collections.ConfigDict) -> None:
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
   config.augment = 'none'
+  config.fsdp_axis_size = 1  # any device count, a laptop's one CPU included
 
 
 ARGUMENTS = {'smoke': smoke}
@@ -279,7 +291,7 @@ def variant_config(model: str, *, batch_size: int, coefficients: Mapping[str, An
   `coefficients` states the variant's width, depth, resolution and dropout as the paper gives
   them; they are checked against the registry (an error if they disagree) and the config itself
   keeps the placeholders, so `--config.model=...` switches every coefficient with the name.
-  `overrides` set any further field (e.g. fsdp=True); a mistyped key raises.
+  `overrides` set any further field (e.g. fsdp_axis_size=8); a mistyped key raises.
   """
   check_stated_coefficients(model, coefficients)
   return _finish(base_config(), dict(model=model, batch_size=batch_size, **overrides), arg)
@@ -441,8 +453,26 @@ def overridden_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[Any,
           if config.get(name) is not None and config.get(name) != getattr(spec, name)}
 
 
-def resolve(config: ml_collections.ConfigDict, log: bool = False) -> ml_collections.ConfigDict:
-  """A copy of `config` with the variant's own coefficients filled in where it leaves them None.
+def check_dtype(dtype: str) -> None:
+  if dtype not in DTYPES:
+    raise errors.ConfigError(f'Unknown config.dtype {dtype!r}; valid: {", ".join(DTYPES)}.')
+
+
+def resolved_dtype(dtype: str, platform: str | None = None) -> str:
+  """'float32' or 'bfloat16': `dtype`, with 'auto' decided by `platform` (default: this
+  process's backend). bfloat16 activations are the recipe on TPU (and fast on GPU); on a CPU
+  they would only lose precision."""
+  check_dtype(dtype)
+  if dtype != 'auto':
+    return dtype
+  return 'float32' if (platform or jax.default_backend()) == 'cpu' else 'bfloat16'
+
+
+def resolve(config: ml_collections.ConfigDict, log: bool = False,
+            platform: str | None = None) -> ml_collections.ConfigDict:
+  """A copy of `config` with the variant's own coefficients filled in where it leaves them None,
+  and 'auto' dtype and conv_impl decided for `platform` (default: this process's backend; the
+  TPU dry run passes 'tpu').
 
   With `log`, one line says which values are the variant's and which the config overrides.
   """
@@ -458,4 +488,6 @@ def resolve(config: ml_collections.ConfigDict, log: bool = False) -> ml_collecti
   with resolved.unlocked():
     for name, value in fields.items():
       setattr(resolved, name, value)
+    resolved.dtype = resolved_dtype(config.dtype, platform)
+    resolved.conv_impl = resolve_conv_impl(config.conv_impl, platform)
   return resolved

@@ -13,19 +13,16 @@ traceback). The process ends promptly on every host: no background thread keeps 
 """
 from __future__ import annotations
 
-import os
-import pathlib
-import sys
-import traceback
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from efficientnet_jax import cluster, launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics (local or gs://).')
 flags.DEFINE_enum('jax_distributed', 'auto', ['auto', 'true', 'false'],
-                  'Call jax.distributed.initialize(): auto = on TPU pods, SLURM and when a '
-                  'coordinator address is given.')
+                  'Call jax.distributed.initialize(): auto = on Cloud TPU VM pod slices, GKE '
+                  'TPU pods, multi-task SLURM steps, and when a coordinator address is given.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index (multi-process runs).')
@@ -43,17 +40,13 @@ def _wants_distributed() -> bool:
     return FLAGS.jax_distributed == 'true'
   if FLAGS.coordinator_address:
     return True
-  workers = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  return ',' in workers or 'SLURM_JOB_ID' in os.environ and int(
-      os.environ.get('SLURM_NTASKS', '1')) > 1
-
-
-_main_started = False
+  environment = cluster.detect()
+  if environment:
+    logging.info('Multi-process environment detected: %s.', environment)
+  return environment is not None
 
 
 def main(argv):
-  global _main_started
-  _main_started = True
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jax
@@ -79,13 +72,13 @@ def main(argv):
   try:
     _, metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except preemption.Preempted as e:
-    _exit(0, f'{e}; rerun the same command to resume.')
+    launch.exit_now(0, f'{e}; rerun the same command to resume.')
   except errors.UserError as e:
     if FLAGS.traceback:
       raise
-    _exit(2, f'error: {e}')
+    launch.exit_now(2, f'error: {e}')
   except FloatingPointError as e:
-    _exit(1, f'error: {e}')
+    launch.exit_now(1, f'error: {e}')
   top1 = metrics.get('eval_ema/top1', metrics.get('eval/top1'))
   logging.info('Final eval metrics: %s', metrics)
   if jax.process_index() == 0:
@@ -93,59 +86,9 @@ def main(argv):
     print(f'Final top-1: {top1:.4f} ({count} eval examples)')
 
 
-def _exit(status: int, message: str) -> None:
-  """Prints `message` to stderr and ends the process now, whatever threads are still running.
-
-  The training loop has already waited for its checkpoints; what may remain are daemon or
-  library threads (tf.data, metric writers) that must not keep a stopped job alive on a pod.
-  """
-  print(message, file=sys.stderr, flush=True)
-  logging.flush()
-  sys.stdout.flush()
-  os._exit(status)  # pylint: disable=protected-access
-
-
-# The checkout's configs/, for `--config=configs/b7.py` typed in another working directory.
-_REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def with_repo_config_path(argv: list[str]) -> list[str]:
-  """`argv` with a relative --config path that is missing here taken from the checkout instead.
-
-  config_flags reads the path relative to the working directory; a path such as
-  configs/b7.py that only exists relative to the repository then still loads.
-  """
-  result = []
-  for arg in argv:
-    if arg.startswith('--config='):
-      path, sep, rest = arg[len('--config='):].partition(':')
-      if (path and not os.path.isabs(path) and not os.path.exists(path)
-          and (_REPO_ROOT / path).is_file()):
-        arg = f'--config={_REPO_ROOT / path}{sep}{rest}'
-    result.append(arg)
-  return result
-
-
 def run(main_fn=None) -> None:
-  """`app.run(main)`; an error in the config file or its overrides prints its message alone."""
-  argv = with_repo_config_path(sys.argv)
-  try:
-    app.run(main_fn or main, argv=argv)
-  except Exception as e:  # pylint: disable=broad-except
-    if _main_started:  # an unexpected failure: its traceback, then out, on every host
-      traceback.print_exc()
-      _exit(1, f'error: training failed ({type(e).__name__}); the traceback is above.')
-    if '--traceback' in argv:  # raised while parsing the flags: the config or an override
-      raise
-    _exit(2, f'error: {_config_message(e)}')
-
-
-def _config_message(error: Exception) -> str:
-  """An exception from loading a config or applying an override, as one readable message."""
-  text = str(error)
-  if isinstance(error, (AttributeError, KeyError)) and len(text) > 1 and text[0] == text[-1] == "'":
-    text = text[1:-1].encode().decode('unicode_escape')  # ml_collections quotes its message
-  return f'{text} (in --config or a --config.* override)'.replace("\\'", "'")
+  """`python -m efficientnet_jax.main`: `main_fn` (default `main`) with the exits of `launch.run`."""
+  launch.run(main_fn or main)
 
 
 if __name__ == '__main__':

@@ -14,9 +14,8 @@ never applied or saved.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
-import os
 import time
 from typing import Any
 
@@ -26,9 +25,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh, NamedSharding
 
 from efficientnet_jax import (checkpointing, compilation, configs_lib, errors, optim, preemption,
                               sharding, transfer)
@@ -36,6 +35,11 @@ from efficientnet_jax.data import pipeline, prefetch, sources
 from efficientnet_jax.models import create_model, get_variant
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The activations' dtype: config.dtype, with 'auto' decided by this process's backend."""
+  return COMPUTE_DTYPES[configs_lib.resolved_dtype(config.dtype)]
 
 
 @flax.struct.dataclass
@@ -55,18 +59,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int | None = Non
   Width, depth and dropout are the variant's own unless the config sets them, so a new variant
   (another phi, another alpha/beta/gamma) is a config, not a code change.
   """
-  if config.dtype not in COMPUTE_DTYPES:
-    raise ValueError(f'Unknown config.dtype {config.dtype!r}; valid: {", ".join(COMPUTE_DTYPES)}.')
+  configs_lib.check_dtype(config.dtype)
   fields = configs_lib.model_fields(config)
   # A block table replaces the variant's (EfficientNet only); absent from older configs.
   blocks = {'blocks': config.blocks} if config.get('blocks') is not None else {}
   return create_model(
       config.model, num_classes=num_classes or config.num_classes,
-      dtype=COMPUTE_DTYPES[config.dtype], width=fields['width'], depth=fields['depth'],
+      dtype=compute_dtype(config), width=fields['width'], depth=fields['depth'],
       dropout=fields['dropout'], drop_connect_rate=config.drop_connect_rate,
       stem_stride=config.stem_stride, bn_momentum=config.bn_momentum,
       bn_epsilon=config.bn_epsilon, bn_group_size=config.bn_group_size,
-      conv_impl=config.conv_impl, **blocks)
+      conv_impl=config.conv_impl, remat=config.get('remat', False), **blocks)
 
 
 def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
@@ -77,12 +80,12 @@ def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> ja
   spec = get_variant(config.model)
   mean = jnp.asarray(spec.mean_rgb, jnp.float32)
   std = jnp.asarray(spec.stddev_rgb, jnp.float32)
-  return ((images.astype(jnp.float32) - mean) / std).astype(COMPUTE_DTYPES[config.dtype])
+  return ((images.astype(jnp.float32) - mean) / std).astype(compute_dtype(config))
 
 
 def create_train_state(rng, *, model, tx, config) -> TrainState:
   size = configs_lib.model_fields(config)['resolution']
-  variables = model.init(rng, jnp.zeros((1, size, size, 3), COMPUTE_DTYPES[config.dtype]))
+  variables = model.init(rng, jnp.zeros((1, size, size, 3), compute_dtype(config)))
   params, batch_stats = variables['params'], variables.get('batch_stats', {})
   ema = config.ema_decay > 0
   return TrainState(
@@ -226,9 +229,7 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
   if config.checkpoint_every_minutes < 0:
     raise errors.ConfigError(f'config.checkpoint_every_minutes={config.checkpoint_every_minutes} '
                              'must be >= 0 (0 disables time-based checkpoints).')
-  if config.dtype not in COMPUTE_DTYPES:
-    raise errors.ConfigError(f'Unknown config.dtype {config.dtype!r}; valid: '
-                             f'{", ".join(COMPUTE_DTYPES)}.')
+  configs_lib.check_dtype(config.dtype)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   pipeline.per_process_batch_size(config.batch_size)
@@ -250,16 +251,6 @@ def best_metric_of(config: ml_collections.ConfigDict) -> tuple[str | None, str]:
   return name, 'min' if name.endswith('loss') else 'max'
 
 
-def _abstract_batch(config, batch_size: int, with_mask: bool, sharding_) -> dict:
-  size = config.resolution
-  batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
-                                         sharding=sharding_),
-           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding_)}
-  if with_mask:
-    batch['mask'] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding_)
-  return batch
-
-
 def _check_finite(first_bad_step, checkpointer) -> None:
   """Halts, naming the step, if a step's update was not finite (a sync with the devices)."""
   bad = int(jax.device_get(first_bad_step))
@@ -277,13 +268,93 @@ def _check_finite(first_bad_step, checkpointer) -> None:
       'with the same --workdir to resume from the last good checkpoint.')
 
 
+def _write_pause(writer, step: int, what: str, began: float) -> float:
+  """Records the seconds since `began` spent on `what` ('eval', 'checkpoint'); returns them."""
+  seconds = time.time() - began
+  writer.write_scalars(step, {f'time/{what}_seconds': seconds})
+  return seconds
+
+
 def _write_train_metrics(writer, step: int, window: list, elapsed: float, examples: int):
+  """Train loss, top-1 and learning rate over the window; images/s of training time only."""
   summary = jax.device_get(window)
   writer.write_scalars(step, {
       'train/loss': float(np.mean([m['loss'] for m in summary])),
       'train/top1': float(np.mean([m['top1'] for m in summary])),
       'train/learning_rate': float(summary[-1]['learning_rate']),
       'train/images_per_second': examples / max(elapsed, 1e-9)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A config's model, optimiser and jitted steps on one mesh, with their shardings.
+
+  `train_and_evaluate` runs these; the TPU dry run (`aot.py`) lowers and compiles the very same
+  functions for a topology's devices.
+  """
+  model: Any
+  tx: optax.GradientTransformation
+  init: Any  # rng -> TrainState, unsharded
+  init_rng: jax.Array
+  abstract_state: TrainState  # jax.ShapeDtypeStructs carrying the state's shardings
+  state_sharding: Any
+  replicated: NamedSharding
+  data_sharding: NamedSharding
+  train_step: Any  # jitted (state, first_bad_step, batch) -> (state, first_bad_step, metrics)
+  eval_step: Any  # jitted (params, batch_stats, batch) -> sums
+  resolution: int
+
+  def abstract_batch(self, batch_size: int, with_mask: bool) -> dict:
+    size = self.resolution
+    batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
+                                           sharding=self.data_sharding),
+             'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=self.data_sharding)}
+    if with_mask:
+      batch['mask'] = jax.ShapeDtypeStruct((batch_size,), jnp.float32,
+                                           sharding=self.data_sharding)
+    return batch
+
+  def lower_train(self, batch_size: int):
+    flag = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+    return self.train_step.lower(self.abstract_state, flag,
+                                 self.abstract_batch(batch_size, False))
+
+  def lower_eval(self, batch_size: int):
+    return self.eval_step.lower(self.abstract_state.params, self.abstract_state.batch_stats,
+                                self.abstract_batch(batch_size, True))
+
+  def initial_state(self) -> TrainState:
+    """The freshly initialised state, created already sharded (never whole on one device)."""
+    return compilation.compile_run_once(
+        jax.jit(self.init, out_shardings=self.state_sharding), self.init_rng)(self.init_rng)
+
+
+def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: float) -> Steps:
+  """The jitted train and eval steps of a resolved `config` (`configs_lib.resolve`) on `mesh`."""
+  model = build_model(config)
+  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
+  tx = optim.create_optimizer(config, steps_per_epoch)
+  init = functools.partial(create_train_state, model=model, tx=tx, config=config)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  abstract_state = jax.eval_shape(init, init_rng)
+  state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
+  replicated = sharding.replicated(mesh)
+  data_sharding = sharding.batch_sharding(mesh)
+  p_train_step = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
+                        base_rng=dropout_rng),
+      in_shardings=(state_sharding, replicated, data_sharding),
+      out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
+  p_eval_step = jax.jit(
+      functools.partial(eval_step, model=model, config=config),
+      in_shardings=(state_sharding.params, state_sharding.batch_stats, data_sharding),
+      out_shardings=replicated)
+  return Steps(model=model, tx=tx, init=init, init_rng=init_rng,
+               abstract_state=checkpointing.abstract_with_shardings(abstract_state,
+                                                                    state_sharding),
+               state_sharding=state_sharding, replicated=replicated, data_sharding=data_sharding,
+               train_step=p_train_step, eval_step=p_eval_step,
+               resolution=configs_lib.model_fields(config)['resolution'])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -299,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """
   # --- Set up -----------------------------------------------------------------------------------
   config = configs_lib.resolve(config, log=True)
-  mesh = sharding.create_mesh()
+  mesh = sharding.create_mesh(fsdp_axis_size=config.fsdp_axis_size)
   check_config(config, mesh)
   checkpointing.check_workdir_writable(workdir)
   checkpointing.save_config(workdir, config)  # what `export --workdir` rebuilds the model from
@@ -316,49 +387,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                info.num_eval_examples, info.num_classes, num_steps, config.batch_size,
                jax.device_count(), jax.process_count())
 
-  model = build_model(config)
-  schedule = optim.create_learning_rate_schedule(config, steps_per_epoch)
-  tx = optim.create_optimizer(config, steps_per_epoch)
-  init = functools.partial(create_train_state, model=model, tx=tx, config=config)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-  abstract_state = jax.eval_shape(init, init_rng)
-  logging.info('%s: %s trainable parameters at %d px.', config.model,
-               f'{sum(x.size for x in jax.tree.leaves(abstract_state.params)):,}',
-               config.resolution)
-  state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp,
-                                            config.fsdp_min_size)
-  replicated = sharding.replicated(mesh)
-  data_sharding = sharding.batch_sharding(mesh)
-  abstract_sharded_state = checkpointing.abstract_with_shardings(abstract_state, state_sharding)
-  p_train_step = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
-                        base_rng=dropout_rng),
-      in_shardings=(state_sharding, replicated, data_sharding),
-      out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
-  p_eval_step = jax.jit(
-      functools.partial(eval_step, model=model, config=config),
-      in_shardings=(state_sharding.params, state_sharding.batch_stats, data_sharding),
-      out_shardings=replicated)
-  abstract_flag = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  steps = build_steps(config, mesh, steps_per_epoch)
+  logging.info('%s: %s trainable parameters at %d px, %s activations%s.', config.model,
+               f'{sum(x.size for x in jax.tree.leaves(steps.abstract_state.params)):,}',
+               config.resolution, config.dtype, ', blocks rematerialised' if config.remat else '')
+  summary = sharding.sharding_summary(steps.abstract_state, steps.state_sharding)
+  logging.info('Mesh %s; the state is %.1f MiB, %.1f%% of its bytes sharded (FSDP groups of %d), '
+               '%.1f MiB per device.', dict(mesh.shape), summary['total_bytes'] / 2**20,
+               100 * summary['sharded_fraction'], config.fsdp_axis_size,
+               summary['per_device_bytes'] / 2**20)
   compiled = compilation.compile_in_background([
-      ('train', lambda: p_train_step.lower(
-          abstract_sharded_state, abstract_flag,
-          _abstract_batch(config, config.batch_size, False, data_sharding)).compile()),
-      ('eval', lambda: p_eval_step.lower(
-          abstract_sharded_state.params, abstract_sharded_state.batch_stats,
-          _abstract_batch(config, config.eval_batch_size, True, data_sharding)).compile()),
+      ('train', lambda: steps.lower_train(config.batch_size).compile()),
+      ('eval', lambda: steps.lower_eval(config.eval_batch_size).compile()),
   ])
   best_metric, best_mode = best_metric_of(config)
   checkpointer = checkpointing.Checkpointer(workdir, config, best_metric=best_metric,
                                             best_mode=best_mode)
   try:
     # --- Restore or initialise --------------------------------------------------------------------
-    state = checkpointer.restore_latest(abstract_sharded_state)
+    state = checkpointer.restore_latest(steps.abstract_state)
     if state is None:
-      state = compilation.compile_run_once(jax.jit(init, out_shardings=state_sharding),
-                                           init_rng)(init_rng)
+      state = steps.initial_state()
       if config.get('init_from'):  # transfer learning; a resumed run has its own weights
-        state = transfer.init_from_pretrained(state, config, tx=tx)
+        state = transfer.init_from_pretrained(state, config, tx=steps.tx)
     elif config.get('init_from'):
       logging.info('Resuming from the workdir\'s checkpoint; config.init_from is not read.')
     start_step = int(state.step)
@@ -366,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     state, eval_metrics = _train_loop(
         config, workdir, state, start_step=start_step, num_steps=num_steps,
         eval_every=eval_every, mesh=mesh, source=source, info=info, compiled=compiled,
-        checkpointer=checkpointer, replicated=replicated)
+        checkpointer=checkpointer, replicated=steps.replicated)
   finally:
     checkpointer.close()  # waits for in-flight saves, on every exit
   return state, eval_metrics
@@ -413,6 +464,7 @@ def _train_loop(config, workdir, state, *, start_step, num_steps, eval_every, me
   first_bad = jax.device_put(jnp.int32(-1), replicated)
   clock = preemption.SaveClock(config.checkpoint_every_minutes)
   window, last_log_time, last_log_step = [], time.time(), start_step
+  paused = 0.0  # seconds spent saving and evaluating since the last log: not training time
   try:
     with metric_writers.ensure_flushes(writer), preemption.PreemptionWatch() as watch:
       step_fn = compiled['train'].result() if start_step < num_steps else None
@@ -430,24 +482,28 @@ def _train_loop(config, workdir, state, *, start_step, num_steps, eval_every, me
         save_now = last or preempted or step % config.checkpoint_every_steps == 0
         if log_now:  # the host syncs with the devices only at these boundaries
           _check_finite(first_bad, checkpointer)
-          _write_train_metrics(writer, step, window, time.time() - last_log_time,
+          _write_train_metrics(writer, step, window, time.time() - last_log_time - paused,
                                (step - last_log_step) * config.batch_size)
           window.clear()
-          last_log_time, last_log_step = time.time(), step
+          last_log_time, last_log_step, paused = time.time(), step, 0.0
           save_now = save_now or clock.due()
         if save_now:  # saved before the step's evaluation, so a failing evaluation loses nothing
           _check_finite(first_bad, checkpointer)
+          began = time.time()
           with report.timed('checkpoint'):
             checkpointer.save(step, state)
           clock.saved()
+          paused += _write_pause(writer, step, 'checkpoint', began)
         if preempted:
           checkpointer.wait_until_finished()
           preemption.log_preempted(step, checkpointer.directory)
           raise preemption.Preempted(step, checkpointer.directory)
         if eval_now:
           _check_finite(first_bad, checkpointer)
+          began = time.time()
           eval_metrics = run_eval(step, state)
           checkpointer.maybe_save_best(step, state, eval_metrics)
+          paused += _write_pause(writer, step, 'eval', began)
       if not eval_metrics:  # resumed at the end: evaluate what was restored
         eval_metrics = run_eval(step, state)
   finally:

@@ -204,9 +204,9 @@ def test_init_from_same_classes_keeps_the_head(pretrained_dir):
   """With the pretrained number of classes the classifier is loaded too, onto FSDP shardings."""
   from efficientnet_jax import sharding
   directory, loaded = pretrained_dir
-  config = flowers(init_from=directory, num_classes=1000, fsdp=True, fsdp_min_size=1024)
+  config = flowers(init_from=directory, num_classes=1000, fsdp_axis_size=8, fsdp_min_size=1024)
   abstract, tx = _abstract_state(config)
-  shardings = sharding.state_shardings(abstract, sharding.create_mesh(), True, 1024)
+  shardings = sharding.state_shardings(abstract, sharding.create_mesh(fsdp_axis_size=8), 1024)
   # A stand-in for the fresh sharded state (zeros), without compiling the model's init.
   state = jax.tree.map(
       lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)

@@ -19,6 +19,7 @@ import pathlib
 import re
 import shutil
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +65,9 @@ def tiny_config(**overrides):
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
   config.log_every_steps = 1
-  # Shard the larger arrays over the 8 devices (the B7 config trains with FSDP), so restoring on
-  # another device count really re-shards.
-  config.fsdp = True
+  # Shard the larger arrays over FSDP groups of 4 of the 8 devices (the B7 config trains with
+  # FSDP), so restoring on another device count really re-shards.
+  config.fsdp_axis_size = 4
   config.fsdp_min_size = 1024
   for key, value in overrides.items():
     setattr(config, key, value)  # locked: a typo raises
@@ -93,7 +94,7 @@ def abstract_state(config, mesh, model=None):
   tx = optim.create_optimizer(config, 1.0)
   init = functools.partial(train.create_train_state, model=model, tx=tx, config=config)
   shapes = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.state_shardings(shapes, mesh, config.fsdp, config.fsdp_min_size)
+  shardings = sharding.state_shardings(shapes, mesh, config.fsdp_min_size)
   return checkpointing.abstract_with_shardings(shapes, shardings)
 
 
@@ -206,8 +207,16 @@ def test_checkpoints_written(trained):
 def test_restart_with_same_steps_does_not_retrain(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained['workdir'], workdir)
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    state, metrics = train.train_and_evaluate(trained['config'], str(workdir))
+  events = []
+  listener = lambda event, **kwargs: events.append(event)
+  jax.monitoring.register_event_listener(listener)
+  try:
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+      state, metrics = train.train_and_evaluate(trained['config'], str(workdir))
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  # The restart loaded its train and eval steps from the persistent compilation cache.
+  assert events.count('/jax/compilation_cache/cache_hits') >= 2, sorted(set(events))
   assert int(state.step) == 6
   # It restored the final state exactly, trained nothing and wrote no new checkpoint.
   assert_trees_equal(state.params, trained['state'].params)
@@ -240,11 +249,11 @@ def test_restart_with_more_steps_resumes_exactly(trained, tmp_path):
   assert checkpoint_steps(workdir) == [3, 6, 8]
 
 
-@pytest.mark.parametrize('fsdp', [True, False])
+@pytest.mark.parametrize('fsdp', [2, 1])
 def test_restore_on_fewer_devices(trained, fsdp):
   """A checkpoint written FSDP-sharded over 8 devices restores onto a 4-device mesh."""
-  mesh = sharding.create_mesh(jax.devices()[:4])
-  config = tiny_config(fsdp=fsdp)
+  mesh = sharding.create_mesh(jax.devices()[:4], fsdp)
+  config = tiny_config(fsdp_axis_size=fsdp)
   state = restore(trained['workdir'], config, mesh)
   assert int(state.step) == 6
   assert_trees_equal(state.params, trained['state'].params)
@@ -252,7 +261,37 @@ def test_restore_on_fewer_devices(trained, fsdp):
   assert_trees_equal(state.ema_batch_stats, trained['state'].ema_batch_stats)
   kernel = state.params['top_conv']['kernel']
   assert kernel.sharding.device_set == set(jax.devices()[:4])
-  assert kernel.sharding.is_fully_replicated != fsdp
+  assert kernel.sharding.is_fully_replicated == (fsdp == 1)
+
+
+def test_host_runs_ahead_of_a_slow_device(tmp_path, monkeypatch):
+  """The loop syncs with the devices only at log, save and eval boundaries: with a step that
+  takes 0.3 s on the device, the host has dispatched step s + 2 before step s finishes."""
+  finished, dispatched = {}, {}
+  original = train.train_step
+
+  def slow_step(state, first_bad_step, batch, **kwargs):
+    new_state, first_bad_step, metrics = original(state, first_bad_step, batch, **kwargs)
+
+    def record(step):
+      time.sleep(0.3)
+      finished.setdefault(int(step), time.monotonic())
+    jax.debug.callback(record, new_state.step)
+    return new_state, first_bad_step, metrics
+
+  def record_dispatch(self, host_batch):
+    dispatched[int(host_batch['position'][0]) // self.global_batch_size + 1] = time.monotonic()
+
+  monkeypatch.setattr(train, 'train_step', slow_step)
+  monkeypatch.setattr(prefetch.InputLog, '__call__', record_dispatch)
+  config = tiny_config(num_train_steps=8, log_every_steps=100, eval_every_steps=100,
+                       checkpoint_every_steps=100, log_input_ids=True, ema_decay=0.0,
+                       fsdp_axis_size=1)
+  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert sorted(finished) == sorted(dispatched) == list(range(1, 9))
+  ahead = [s for s in range(1, 7) if dispatched[s + 2] < finished[s]]
+  assert ahead == list(range(1, 7)), (dispatched, finished)
 
 
 # --- Errors users will hit ----------------------------------------------------------------------
@@ -322,7 +361,7 @@ def test_nan_loss_stops_at_last_good_checkpoint(tmp_path, monkeypatch):
   # beyond, and the activations overflow soon after.
   config = tiny_config(optimizer='sgd', momentum=0.0, learning_rate=1e30, ema_decay=0.0,
                        num_train_steps=6, checkpoint_every_steps=1, eval_every_steps=100,
-                       fsdp=False)
+                       fsdp_axis_size=1)
   workdir = tmp_path / 'run'
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     with pytest.raises(FloatingPointError) as error:
@@ -401,9 +440,9 @@ def test_grad_accum_equals_average_of_half_batches():
   # Plain SGD at rate 1: the parameter update is exactly minus the (averaged) gradient.
   config_k2 = tiny_config(optimizer='sgd', momentum=0.0, learning_rate=1.0, lr_batch_size=16,
                           weight_decay=0.0, ema_decay=0.0, num_classes=10, grad_accum_steps=2,
-                          fsdp=False)
+                          fsdp_axis_size=1)
   config_k1 = tiny_config(optimizer='sgd', momentum=0.0, learning_rate=1.0, lr_batch_size=16,
-                          weight_decay=0.0, ema_decay=0.0, num_classes=10, fsdp=False)
+                          weight_decay=0.0, ema_decay=0.0, num_classes=10, fsdp_axis_size=1)
   model = small_model(config_k2)
   tx = optim.create_optimizer(config_k2, 1.0)
   schedule = optim.create_learning_rate_schedule(config_k2, 1.0)
@@ -476,7 +515,7 @@ def test_overflowing_update_is_not_applied():
   coupled weight decay adds 40 * 1e37 > float32 max to the gradient inside the optimizer.
   """
   config = tiny_config(optimizer='sgd', momentum=0.0, learning_rate=1e-3, weight_decay=40.0,
-                       ema_decay=0.0, num_classes=10, resolution=8, stem_stride=1, fsdp=False)
+                       ema_decay=0.0, num_classes=10, resolution=8, stem_stride=1, fsdp_axis_size=1)
   model = create_model(config.model, num_classes=10, width=0.25, depth=0.25, dropout=0.0,
                        drop_connect_rate=0.0, stem_stride=1, blocks=B0_BLOCKS[:1])
   tx = optim.create_optimizer(config, 1.0)
