@@ -26,10 +26,15 @@ checkpoint. `--report_only` rewrites the reports from the store without training
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from efficientnet_jax import errors
 from efficientnet_jax.search import driver, results
 from efficientnet_jax.study import cli
 
@@ -42,16 +47,39 @@ flags.DEFINE_enum('algorithm', 'ppo', ALGORITHM_CHOICES, 'Which search to run: M
                   'controller, regularized evolution, random search, or all three in turn on the '
                   'same budget and space.')
 flags.DEFINE_bool('report_only', False, 'Write the reports from the store; train nothing.')
+flags.DEFINE_integer('workers', 1, 'Worker processes on this machine: this one and N - 1 that it '
+                     'starts with the same flags (their logs in <workdir>/logs/). Not on a TPU '
+                     'VM, whose chips belong to one process: there, start one per host.')
+flags.DEFINE_bool('reports', True, 'Write the reports when this worker is done (the workers that '
+                  '--workers starts leave them to it).')
 
 
 def algorithms_of(name: str) -> tuple[str, ...]:
   return ALGORITHM_CHOICES[:3] if name == 'all' else (name,)
 
 
+def start_local_workers(count: int, workdir: str) -> list[subprocess.Popen]:
+  """Starts `count` more workers of this command on this machine, logging to workdir/logs/."""
+  if '://' in workdir:
+    raise errors.ConfigError('--workers needs a local --workdir for the workers\' logs; on a '
+                             'cluster start one worker per host instead.')
+  args = [a for a in sys.argv[1:] if not a.lstrip('-').startswith(('workers', 'reports',
+                                                                      'noreports'))]
+  os.makedirs(os.path.join(workdir, 'logs'), exist_ok=True)
+  workers = []
+  for k in range(1, count + 1):
+    with open(os.path.join(workdir, 'logs', f'worker-{k}.log'), 'w') as log:
+      workers.append(subprocess.Popen(
+          [sys.executable, os.path.abspath(__file__), *args, '--workers=1', '--noreports'],
+          stdout=log, stderr=subprocess.STDOUT))
+  return workers
+
+
 def run(config, workdir: str, *, storage_url: str | None = None, algorithm: str = 'ppo',
-        quick: bool = False, train: bool = True, train_fn=None) -> list[dict]:
-  """Runs one worker of each algorithm's search, then writes the reports; returns the ranked
-  leaderboard rows (every algorithm with a search in the store)."""
+        quick: bool = False, train: bool = True, train_fn=None, reports: bool = True,
+        workers: int = 1) -> list[dict]:
+  """Runs one worker of each algorithm's search (and `workers - 1` more in subprocesses), then
+  writes the reports; returns the ranked leaderboard rows (every algorithm in the store)."""
   storage = driver.open_storage(storage_url or driver.default_storage_url(workdir),
                                 config.workers.heartbeat_seconds, config.workers.grace_seconds,
                                 config.workers.max_retries)
@@ -62,8 +90,14 @@ def run(config, workdir: str, *, storage_url: str | None = None, algorithm: str 
                sum(n > 1 for n in searches['ppo'].space.option_counts),
                searches['ppo'].target_note)
   if train:
+    others = start_local_workers(workers - 1, workdir) if workers > 1 else []
     for name in algorithms_of(algorithm):
       driver.run_worker(searches[name], train_fn=train_fn)
+    failed = [k for k, worker in enumerate(others, 1) if worker.wait() != 0]
+    if failed:
+      raise RuntimeError(f'Worker(s) {failed} failed; see {workdir}/logs/worker-<k>.log.')
+  if not reports:
+    return []
   stored = set(driver.study_names(storage))
   finished = [(s, driver.finished_trials(s.study)) for name, s in searches.items()
               if s.name in stored]
@@ -75,7 +109,8 @@ def main(argv):
   filename = str(config_flags.get_config_filename(flags.FLAGS['config']))
   quick = flags.FLAGS.quick or filename.endswith(':quick')
   rows = run(config, workdir, storage_url=flags.FLAGS.storage,
-             algorithm=flags.FLAGS.algorithm, quick=quick, train=not flags.FLAGS.report_only)
+             algorithm=flags.FLAGS.algorithm, quick=quick, train=not flags.FLAGS.report_only,
+             reports=flags.FLAGS.reports, workers=flags.FLAGS.workers)
   if rows:
     print(epath.Path(workdir, 'leaderboard.md').read_text())
     print(f'Best network: {epath.Path(workdir, results.BEST_CONFIG_FILE)}')

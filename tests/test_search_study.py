@@ -123,6 +123,37 @@ def test_config_errors_name_the_fix(tmp_path):
     driver.default_storage_url('gs://bucket/search')
 
 
+def test_local_workers_rerun_this_command(tmp_path, monkeypatch):
+  started = []
+  monkeypatch.setattr(baseline_search.subprocess, 'Popen',
+                      lambda args, **kw: started.append(args) or 'process')
+  monkeypatch.setattr(baseline_search.sys, 'argv', [
+      'baseline_search.py', '--quick', '--workers=3', f'--workdir={tmp_path}', '--noreports'])
+  assert baseline_search.start_local_workers(2, str(tmp_path)) == ['process'] * 2
+  for args in started:
+    assert args[2:] == ['--quick', f'--workdir={tmp_path}', '--workers=1', '--noreports']
+  assert (tmp_path / 'logs' / 'worker-2.log').exists()
+  with pytest.raises(driver.errors.ConfigError, match='one worker per host'):
+    baseline_search.start_local_workers(1, 'gs://bucket/search')
+
+
+def test_pareto_front_and_plots_in_both_forms(tmp_path):
+  row = lambda algorithm, order, madds, top1: {
+      'algorithm': algorithm, 'order': order, 'madds': madds, 'top1': top1, 'reward': top1}
+  rows = [row('ppo', 1, 1e6, 0.5), row('ppo', 2, 2e6, 0.7), row('random', 1, 3e6, 0.6),
+          row('random', 2, 1.5e6, 0.4), row('ppo', 3, 1e6, 0.45)]
+  assert [(r['madds'], r['top1']) for r in results.pareto_front(rows)] == [(1e6, 0.5), (2e6, 0.7)]
+  for form in ('soft', 'hard'):
+    results.plot_pareto(tmp_path / f'{form}.png', rows, 1.8e6, -0.07, form)
+    assert (tmp_path / f'{form}.png').stat().st_size > 0
+  # An equal-reward curve in the hard form is flat up to T and falls as T / MAdds above it.
+  curve = results._reward_curve(0.6, (1e6, 4e6), 2e6, -0.07, 'hard', points=3)
+  assert [(pytest.approx(m), pytest.approx(a)) for m, a in curve] == [
+      (1e6, 0.6), (2e6, 0.6), (4e6, 1.2)]
+  results.plot_progress(tmp_path / 'progress.png', rows)
+  assert (tmp_path / 'progress.png').stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_quick_search_then_compound_search_of_its_best(tmp_path_factory):
   # The quick mode as shipped (PPO), each candidate trained for the test's 10 steps; then the
