@@ -54,11 +54,28 @@ def digits_flags(shared, **overrides) -> list[str]:
       f'--config.{k}={v}' for k, v in fields.items()]
 
 
+_LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+  """Kills what a test launched and left running (a failed assertion mid-test), so a stray
+  100,000-step run never outlives its test."""
+  yield
+  while _LAUNCHED:
+    process = _LAUNCHED.pop()
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+
+
 def launch(workdir, flags, log_path) -> subprocess.Popen:
   log = open(log_path, 'a')
-  return subprocess.Popen([sys.executable, '-m', 'efficientnet_jax.main', f'--workdir={workdir}',
-                           *flags], cwd=str(ROOT), env=subprocess_env(fast_compile=True),
-                          stdout=log, stderr=subprocess.STDOUT)
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'efficientnet_jax.main', f'--workdir={workdir}', *flags],
+      cwd=str(ROOT), env=subprocess_env(fast_compile=True), stdout=log, stderr=subprocess.STDOUT)
+  _LAUNCHED.append(process)
+  return process
 
 
 def run(workdir, flags, log_path, timeout=900) -> int:

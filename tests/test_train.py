@@ -350,7 +350,7 @@ def test_checkpoint_from_other_optimizer_structure(trained, tmp_path):
   config = tiny_config(grad_clip_norm=1.0)  # adds a clip state to the optimizer chain
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
     with pytest.raises(checkpointing.CheckpointRestoreError,
-                       match=r'None of the 2 checkpoint.*step 6.*structure'):
+                       match=r'(?s)None of the 2 checkpoint.*step 6.*structure'):
       train.train_and_evaluate(config, str(workdir))
 
 
