@@ -250,6 +250,10 @@ def main(argv):
   unknown = sorted(set(FLAGS.steps) - {'train', 'eval'})
   if unknown:
     raise app.UsageError(f'Unknown --steps {unknown}; valid: train, eval.')
+  if FLAGS.topology and not jax.config.jax_platforms:
+    # The named slice's devices are compile-only descriptions; this process itself needs only
+    # the CPU (and must not try to open TPU chips that a CPU machine does not have).
+    jax.config.update('jax_platforms', 'cpu')
   try:
     report = dry_run(FLAGS.config, FLAGS.topology, num_slices=FLAGS.num_slices,
                      hbm_gib=FLAGS.hbm_gib, steps=tuple(FLAGS.steps),

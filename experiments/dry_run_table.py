@@ -32,6 +32,20 @@ for _model in ('b4', 'b7'):
       ROWS.append((f'{_model}-{_slice}{"-remat" if _remat else ""}', f'configs/{_model}.py',
                    _topology, _slice, ['--config.remat=True'] if _remat else []))
 ROWS.append(('l2-v4-1024-remat', 'configs/l2.py', 'v4:8x8x8', 'v4-1024', ['--config.remat=True']))
+# The slice each training config's docstring recommends (the rows above cover b0, b4, b7, l2).
+CONFIG_ROWS = [
+    ('config-b1-v4-32', 'configs/b1.py', 'v4:2x2x4', 'v4-32', []),
+    ('config-b2-v4-32', 'configs/b2.py', 'v4:2x2x4', 'v4-32', []),
+    ('config-b3-v4-64', 'configs/b3.py', 'v4:2x4x4', 'v4-64', []),
+    ('config-b5-v4-256', 'configs/b5.py', 'v4:4x4x8', 'v4-256', []),
+    ('config-b6-v4-256', 'configs/b6.py', 'v4:4x4x8', 'v4-256', []),
+    ('config-b8-v4-512-remat', 'configs/b8.py', 'v4:4x8x8', 'v4-512', ['--config.remat=True']),
+    ('config-lite0-v4-32', 'configs/lite0.py', 'v4:2x2x4', 'v4-32', []),
+    ('config-lite1-v4-32', 'configs/lite1.py', 'v4:2x2x4', 'v4-32', []),
+    ('config-lite2-v4-32', 'configs/lite2.py', 'v4:2x2x4', 'v4-32', []),
+    ('config-lite3-v4-32', 'configs/lite3.py', 'v4:2x2x4', 'v4-32', []),
+    ('config-lite4-v4-64', 'configs/lite4.py', 'v4:2x4x4', 'v4-64', []),
+]
 
 
 def command(config, topology, extra, json_path) -> list[str]:
@@ -79,10 +93,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--rows', default='', help='Only rows whose name contains this.')
+  parser.add_argument('--configs', action='store_true',
+                      help='Also the slices the training configs\' docstrings recommend.')
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  selected = [row for row in ROWS if args.rows in row[0]]
+  selected = [row for row in ROWS + (CONFIG_ROWS if args.configs else []) if args.rows in row[0]]
   results = [(row, run_row(row[0], row[1], row[2], row[4], workdir)) for row in selected]
   table = markdown(results)
   (workdir / 'table.md').write_text(table + '\n')
