@@ -205,8 +205,9 @@ class Checkpointer:
                         self.directory, step, type(e).__name__, str(e)[:300])
         continue
       if failures:
-        logging.warning('Resuming from step %d; newer checkpoint(s) %s could not be restored.',
-                        step, [s for s, _ in failures])
+        self._set_aside([s for s, _ in failures])
+        logging.warning('Resuming from step %d; newer checkpoint(s) %s could not be restored and '
+                        'were moved to %s.', step, [s for s, _ in failures], self.damaged_directory)
       return restored.state
     if failures:
       listing = '\n'.join(f'  step {s}: {type(e).__name__}: {str(e)[:300]}' for s, e in failures)
@@ -219,6 +220,23 @@ class Checkpointer:
           'restore the files from a backup; the rest of the workdir (metrics, the best '
           'checkpoint) is unaffected.')
     return None
+
+  @property
+  def damaged_directory(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged checkpoints out of the manager's directory (kept, not deleted: a user may
+    still recover files from them), so the resumed run can save those steps again."""
+    if jax.process_index() == 0:
+      tf.io.gfile.makedirs(self.damaged_directory)
+      for step in steps:
+        target = os.path.join(self.damaged_directory, f'{step}-{uuid.uuid4().hex[:8]}')
+        tf.io.gfile.rename(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('efficientnet_jax: damaged checkpoints set aside')
+    self.manager.reload()
 
   def _check_fingerprint(self, saved: dict[str, Any] | None, step: int) -> None:
     saved = saved or {}

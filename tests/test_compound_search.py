@@ -57,6 +57,7 @@ def read_csv(path):
 
 # One test for the run and its rerun: under pytest-xdist a module fixture shared by two tests
 # could be built once per worker, training everything twice.
+@pytest.mark.slow
 def test_quick_study_end_to_end_then_resumed(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('compound_search')
   seconds, output = run_quick('compound_search', workdir, shared_xla_cache(tmp_path_factory),

@@ -25,6 +25,9 @@ from efficientnet_jax.data import pipeline, sources
 from efficientnet_jax.models import create_model
 from support import load_config_module
 
+# One worker runs this module (--dist loadgroup): its module fixtures are built once.
+pytestmark = pytest.mark.xdist_group('finetune')
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 16
 TINY = {'width': 0.25, 'depth': 0.25}

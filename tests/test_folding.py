@@ -33,7 +33,7 @@ def tame_variables(model, seed):
   CPU path differ by ~10% in the gradient (and ~1e-3 in deep logits); these keep outputs of
   order 1 while still testing every folded scale and shift.
   """
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
   leaves, treedef = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree.unflatten(treedef, [
@@ -55,6 +55,7 @@ def test_folded_forward_equals_apply(name):
   assert_close_to_scale(got, want, 1e-4)
 
 
+@pytest.mark.slow
 def test_folded_gradients_equal_apply():
   model = small_model()
   variables = tame_variables(model, seed=3)
@@ -73,6 +74,7 @@ def test_folded_gradients_equal_apply():
     assert_close_to_scale(have, want, 1e-3, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_default_inference_equals_unfolded():
   # 64 px gives feature maps of 32, 16, 8, ... px, so with this test's thresholds every chunk
   # size (1, 2, 8) is in use; a batch of 10 (over 8, so 'auto' folds) is padded to 16.

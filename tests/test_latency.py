@@ -71,6 +71,7 @@ def test_bad_conv_impls_fail_before_timing(tmp_path, conv_impls):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_quick_end_to_end(tmp_path):
   proc = subprocess.run(
       [sys.executable, str(ROOT / 'experiments' / 'latency.py'), f'--workdir={tmp_path}',

@@ -88,6 +88,7 @@ def _wait(processes, logs):
     pytest.fail('\n'.join(report))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   # All three processes run at once: the runs are independent, and overlapping them overlaps
   # their (mostly single-threaded) XLA compilations on the two cores.
@@ -129,6 +130,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(os.listdir(multi / 'checkpoints')) == [str(NUM_STEPS)]
 
 
+@pytest.mark.slow  # several minutes of XLA:CPU compiles; in `pytest -m slow` (CI's budget is 20 min)
 def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
   """A preemption notice reaches one host only: JAX's preemption sync point makes both save the
   same step, and both exit 0 (none saves alone, none waits for the other)."""

@@ -27,6 +27,7 @@ def _text_outputs(cell) -> str:
   return ''.join(parts)
 
 
+@pytest.mark.slow
 def test_notebook_runs(lite0_dir, tmp_path, monkeypatch):  # noqa: F811
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

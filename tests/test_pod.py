@@ -209,11 +209,12 @@ def test_bfloat16_train_step_on_cpu():
   assert results['bfloat16'] == pytest.approx(results['float32'], rel=0.02), results
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   model, remat = (create_model('efficientnet-b0', num_classes=10, width=0.25, depth=0.25,
                                conv_impl='xla', remat=r) for r in (False, True))
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(0), images)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
 
   def loss(params, m):
     logits, _ = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,

@@ -217,7 +217,7 @@ def digits_config(name, data_dir):
 # with -m slow. Their blocks' train mode is EfficientNet's MBConvBlock (tested in test_models.py)
 # and the same layers.
 @pytest.mark.parametrize('name', [
-    'resnet-50',
+    pytest.param('resnet-50', marks=pytest.mark.slow),
     pytest.param('mobilenet-v2', marks=pytest.mark.slow),
     pytest.param('mobilenet-v1', marks=pytest.mark.slow)])
 def test_trains_through_the_training_loop(name, tmp_path_factory):

@@ -16,7 +16,6 @@ compiling them again (what `config.compilation_cache` gives every run).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import signal
@@ -48,7 +47,9 @@ def digits_flags(shared, **overrides) -> list[str]:
                 holdout_examples=1437 - 64, num_train_steps=STEPS, log_every_steps=2,
                 checkpoint_every_steps=3, eval_every_steps=12, keep_checkpoints=2,
                 drop_connect_rate=0.2, dropout=0.2, ema_decay=0.9, log_input_ids=True,
-                data_dir=shared['data_dir'], compilation_cache=shared['cache'])
+                data_dir=shared['data_dir'], compilation_cache=shared['cache'],
+                # XLA's convolutions: the CPU path's train step compiles ~1.6x slower.
+                conv_impl='xla')
   fields.update(overrides)
   return ['--config=configs/quickstart.py', '--local_device_count=2'] + [
       f'--config.{k}={v}' for k, v in fields.items()]
@@ -232,6 +233,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path, shared):
   assert process.wait(timeout=60) == 0
 
 
+@pytest.mark.slow  # several minutes of XLA:CPU compiles; in `pytest -m slow` (CI's budget is 20 min)
 def test_nan_halt_exits_promptly_with_no_bad_checkpoint(tmp_path, shared):
   flags = digits_flags(shared, learning_rate=1e12, checkpoint_every_steps=1, ema_decay=0.0,
                        num_train_steps=200)
@@ -253,8 +255,9 @@ def test_nan_halt_exits_promptly_with_no_bad_checkpoint(tmp_path, shared):
 @pytest.mark.parametrize('override, message', [
     ('--config.batch_size=0', 'config.batch_size=0 must be a whole number >= 1'),
     ('--config.batch_size=15', 'config.batch_size=15 is not divisible by the 2 devices'),
-    ('--config.model=efficientnet-b9', "Unknown model 'efficientnet-b9'. Did you mean"),
-    ('--config.learnig_rate=1', 'Did you mean "learning_rate"'),
+    pytest.param('--config.model=efficientnet-b9', "Unknown model 'efficientnet-b9'. Did you mean",
+                 marks=pytest.mark.slow),  # tests/test_configs.py covers both in-process
+    pytest.param('--config.learnig_rate=1', 'Did you mean "learning_rate"', marks=pytest.mark.slow),
 ])
 def test_user_errors_print_their_message_alone_and_exit_2(tmp_path, shared, override, message):
   result = subprocess.run(
@@ -270,6 +273,7 @@ def test_user_errors_print_their_message_alone_and_exit_2(tmp_path, shared, over
   assert shown.returncode != 0 and 'Traceback' in shown.stderr
 
 
+@pytest.mark.slow  # several minutes of XLA:CPU compiles; in `pytest -m slow` (CI's budget is 20 min)
 def test_damaged_latest_checkpoint_is_skipped_and_batch_change_refused(tmp_path, shared):
   flags = digits_flags(shared, num_train_steps=6, keep_checkpoints=3)
   workdir, log = tmp_path / 'run', tmp_path / 'run.log'
@@ -284,6 +288,8 @@ def test_damaged_latest_checkpoint_is_skipped_and_batch_change_refused(tmp_path,
   assert 'checkpoints/6' in text and 'trying an older one' in text, text[-3000:]
   assert 'Starting at step 3 of 9' in text
   assert checkpoint_steps(workdir)[-1] == 9
+  # The damaged checkpoint is kept aside, not deleted.
+  assert [p.name.split('-')[0] for p in (workdir / 'damaged_checkpoints').iterdir()] == ['6']
   # Another batch size would move the data position and the schedule: refused, nothing written.
   result = subprocess.run(
       [sys.executable, '-m', 'efficientnet_jax.main', f'--workdir={workdir}',
@@ -312,6 +318,7 @@ def _write_checkpoint_at(workdir, config, step):
   checkpointer.close()
 
 
+@pytest.mark.slow  # several minutes of XLA:CPU compiles; in `pytest -m slow` (CI's budget is 20 min)
 def test_resume_cost_does_not_grow_with_the_step(tmp_path, shared):
   """Launch to first step, at step 0 and resumed at step 10,000 of an ImageNet-sized stream
   (1,281,167 mocked examples): the same work, so within 20% (both launched together, so machine
@@ -320,7 +327,7 @@ def test_resume_cost_does_not_grow_with_the_step(tmp_path, shared):
   overrides = dict(resolution=32, width=0.25, depth=0.25, batch_size=8, eval_batch_size=8,
                    log_every_steps=1000, checkpoint_every_steps=100_000,
                    eval_every_steps=100_000, log_input_ids=True, compilation_cache='',
-                   best_checkpoint_metric='')
+                   best_checkpoint_metric='', conv_impl='xla')
   resumed = tmp_path / 'resumed'
   config = configs_lib.default_config('smoke')
   for key, value in {**overrides, 'num_train_steps': 10_001}.items():

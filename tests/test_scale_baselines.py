@@ -51,6 +51,7 @@ def test_the_papers_mobilenet_v1_compound_row():
 # One test for the run and its rerun: under pytest-xdist a module fixture shared by two tests
 # could be built once per worker, training everything twice. In one session with
 # test_compound_search.py, networks both studies train hit the shared compilation cache.
+@pytest.mark.slow
 def test_quick_study_end_to_end_then_resumed(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('scale_baselines')
   seconds, _ = run_quick('scale_baselines', workdir, shared_xla_cache(tmp_path_factory),

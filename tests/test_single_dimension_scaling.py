@@ -54,6 +54,7 @@ def test_unknown_mode_or_dimension_is_an_error():
 # One test for the run and its rerun: under pytest-xdist a module fixture shared by two tests
 # could be built once per worker, training everything twice. In one session with
 # test_compound_search.py, networks both studies train hit the shared compilation cache.
+@pytest.mark.slow
 def test_quick_study_end_to_end_then_resumed(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('single_dimension')
   seconds, _ = run_quick('single_dimension_scaling', workdir,

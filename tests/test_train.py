@@ -34,6 +34,10 @@ from efficientnet_jax.data import prefetch, sources
 from efficientnet_jax.models import B0_BLOCKS, create_model
 from support import event_files, load_config_module, read_scalars
 
+# One worker runs this module (pytest -n 2 --dist loadgroup), so the module's `trained` run is
+# built once, not once per worker.
+pytestmark = pytest.mark.xdist_group('train')
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_EXAMPLES = 16
 TRAIN_TAGS = ('train/loss', 'train/top1', 'train/learning_rate', 'train/images_per_second')
@@ -65,6 +69,7 @@ def tiny_config(**overrides):
   config.eval_every_steps = 3
   config.checkpoint_every_steps = 3
   config.log_every_steps = 1
+  config.conv_impl = 'xla'  # compiles faster than the CPU path; these tests are about the loop
   # Shard the larger arrays over FSDP groups of 4 of the 8 devices (the B7 config trains with
   # FSDP), so restoring on another device count really re-shards.
   config.fsdp_axis_size = 4
@@ -230,6 +235,7 @@ def test_restart_with_same_steps_does_not_retrain(trained, tmp_path):
   assert metrics['eval/loss'] == pytest.approx(trained['metrics']['eval/loss'], rel=1e-5)
 
 
+@pytest.mark.slow  # tests/test_resume.py checks the same bitwise, through main
 def test_restart_with_more_steps_resumes_exactly(trained, tmp_path):
   """6 steps, a restart, 2 more: bitwise the state of 8 uninterrupted steps (data, dropout,
   optimizer and EMA all continue where they stopped)."""
