@@ -172,6 +172,9 @@ def test_runner_measures_without_training(tmp_path):
 
 def test_runner_logs_progress(tmp_path, caplog):
   caplog.set_level('INFO')
+  # The absl logger's own level too: an earlier test in the same worker may have lowered absl's
+  # verbosity (this test failed only after others, in the full suite).
+  caplog.set_level('INFO', logger='absl')
   runner.run_candidates([candidate(0.5), candidate(1.0)], tmp_path, train_fn=FakeTrain())
   text = caplog.text
   assert '[1/2]' in text and '[2/2]' in text and 'ETA' in text and 'elapsed' in text
