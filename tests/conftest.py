@@ -6,16 +6,18 @@ time of the conftest, before any test module imports jax.
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-_flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-# Compiling dominates tests of tiny models on XLA:CPU, and most of it is LLVM's optimisation
-# passes: cheaper code generation cuts the time of compile-bound tests by about a third. The
-# HLO is the same, but results can differ in the last bits (fewer fused multiply-adds). Set
-# EFFICIENTNET_JAX_TEST_FULL_OPT=1 to test with the optimisation users get.
-if os.environ.get('EFFICIENTNET_JAX_TEST_FULL_OPT', '') in ('', '0'):
-  _flags += ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+from support import FAST_COMPILE_XLA_FLAGS  # noqa: E402
+
+_flags = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+# Cheaper code generation cuts the time of compile-bound tests by about a third. The HLO is the
+# same, but results can differ in the last bits (fewer fused multiply-adds). Set
+# EFFICIENTNET_JAX_TEST_FULL_OPT=1 to test with the optimisation users get.
+if os.environ.get('EFFICIENTNET_JAX_TEST_FULL_OPT', '') in ('', '0'):
+  _flags += ' ' + ' '.join(FAST_COMPILE_XLA_FLAGS)
+os.environ['XLA_FLAGS'] = _flags.strip()
 
 import jax  # noqa: E402
 

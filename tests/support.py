@@ -42,6 +42,13 @@ def read_scalars(paths) -> dict[str, list[tuple[int, float]]]:
   return scalars
 
 
+# Cheaper XLA:CPU code generation: compiling dominates tests of tiny models, most of it in LLVM's
+# optimisation passes. The conftest sets these for in-process tests; children get them only when
+# asked (`subprocess_env(fast_compile=True)`).
+FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0',
+                          '--xla_llvm_disable_expensive_passes=true')
+
+
 def subprocess_env(fast_compile: bool = False) -> dict[str, str]:
   """Environment for a child running efficientnet_jax on the CPU.
 
@@ -53,9 +60,10 @@ def subprocess_env(fast_compile: bool = False) -> dict[str, str]:
   env['CUDA_VISIBLE_DEVICES'] = ''
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
   flags = [f for f in env.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
+           if not f.startswith('--xla_force_host_platform_device_count')
+           and f not in FAST_COMPILE_XLA_FLAGS]
   if fast_compile:
-    flags += ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
+    flags += list(FAST_COMPILE_XLA_FLAGS)
   env['XLA_FLAGS'] = ' '.join(flags)
   env['PYTHONPATH'] = os.pathsep.join([str(ROOT)] + [p for p in [env.get('PYTHONPATH')] if p])
   return env
