@@ -408,6 +408,46 @@ def test_folder_dataset_with_corrupt_files(tmp_path):
         assert image.reshape(-1, 3).mean(axis=0).argmax() == COLOURS[info.class_names[label]]
 
 
+def test_folder_substitutes_follow_the_rule_exactly(tmp_path):
+  """The fast path (parallel decode, failures dropped, then repaired) reads what the rule says:
+  position p reads the first decodable of perm(p), perm(p) + 1, ..., over runs of bad files,
+  chunk boundaries, several processes and a resumed start."""
+  root = str(tmp_path / 'images')
+  _write_folder(root, {'train': 7, 'test': 1}, corrupt=[
+      (f'train/{c}/bad{i}.png', b'not an image') for c in ('blue', 'red') for i in range(3)])
+  config = _digits_config(dataset=f'folder:{root}', num_classes=3, resolution=8)
+  source = sources.open_source(config)
+  paths, _ = source.files['train']
+  n = len(paths)
+  bad = {i for i, path in enumerate(paths) if 'bad' in os.path.basename(path)}
+  assert len(bad) == 6 and n == 27
+  permutation_seed, _ = pipeline.stream_seeds(config.seed)
+
+  def expected(position):
+    first = int(pipeline.example_id(tf.constant(position, tf.int64), n, permutation_seed))
+    return next((first + k) % n for k in range(n) if (first + k) % n not in bad)
+
+  for start_step, process_index in ((0, 0), (5, 1)):
+    batches = _stream(config, None, 14, start_step=start_step, batch_size=5,
+                      process_index=process_index, process_count=2)
+    positions = np.concatenate([b['position'] for b in batches])
+    np.testing.assert_array_equal(
+        positions, [(start_step + c // 5) * 10 + process_index * 5 + c % 5 for c in range(70)])
+    np.testing.assert_array_equal(np.concatenate([b['example_id'] for b in batches]),
+                                  [expected(p) for p in positions])
+
+
+def test_folder_with_no_decodable_file(tmp_path):
+  root = tmp_path / 'images'
+  for split in ('train', 'test'):
+    for name in ('a', 'b'):
+      (root / split / name).mkdir(parents=True)
+      (root / split / name / '0.jpg').write_bytes(b'not a jpeg')
+  config = _digits_config(dataset=f'folder:{root}', num_classes=2, resolution=8)
+  with pytest.raises(sources.DatasetFormatError, match='decodes as an image'):
+    pipeline.create_split(config, train=True, batch_size=2, process_index=0, process_count=1)
+
+
 def test_folder_holdout_and_processes(tmp_path):
   root = str(tmp_path / 'images')
   _write_folder(root, {'train': 5, 'test': 1})

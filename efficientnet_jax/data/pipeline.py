@@ -40,6 +40,8 @@ __all__ = ['MAX_SUBSTITUTES', 'check_num_classes', 'create_input', 'create_split
 
 # How many following examples may stand in for one that fails to decode (folder datasets).
 MAX_SUBSTITUTES = 16
+# Folder datasets: the decoded stream is checked for dropped examples this many at a time.
+REPAIR_CHUNK = 64
 # Host-side bookkeeping keys of a train batch: not sent to the devices.
 HOST_KEYS = ('example_id', 'position')
 
@@ -136,10 +138,13 @@ def train_dataset(config, source: sources.Source, split: str, *, global_batch_si
     return {'image': image, 'label': tf.cast(example['label'], tf.int32),
             'example_id': example_id, 'position': position}
 
-  # This process's positions: step s, slot j -> s * B + k * b + j, from `start_step` on.
-  first = int(start_step) * batch
-  positions = tf.data.Dataset.range(first, np.iinfo(np.int64).max).map(
-      lambda c: (c // batch) * global_batch_size + process_index * batch + c % batch)
+  # This process's positions: counter c = 0, 1, ... (from `start_step` on) -> step c // b,
+  # slot c % b -> position (c // b) * B + k * b + c % b.
+  def to_position(c):
+    return (c // batch) * global_batch_size + process_index * batch + c % batch
+
+  counters = tf.data.Dataset.range(int(start_step) * batch, np.iinfo(np.int64).max)
+  positions = counters.map(to_position)
 
   if reader.validated:
     # Read a batch of records at once (one Python call for ArrayRecord), decode in parallel.
@@ -150,18 +155,68 @@ def train_dataset(config, source: sources.Source, split: str, *, global_batch_si
     ds = ds.map(lambda record, i, p: prepare(reader.decode(record), i, p),
                 num_parallel_calls=tf.data.AUTOTUNE)
   else:
+    # Files may fail to decode. Fast path: every counter's own example, decoded and augmented in
+    # a parallel map whose failures are dropped (in order, deterministically). A scan then spots
+    # the counters that were dropped and puts each one's substitute back in its place (slow
+    # path, one small dataset per bad file), so the stream equals the substitute rule's exactly.
+    # A per-element nested dataset for every example (the obvious way to write the rule) ran
+    # at 0.6x the speed of a plain parallel map on 2 cores.
+    _check_some_decode(reader, split, source.name)
+
+    def attempt(c):
+      position = to_position(c)
+      i = example_id(position, num_examples, permutation_seed)
+      return c, prepare(reader.decode(_read_one(reader, i)), i, position)
+
     def first_decodable(position):
       candidates = (example_id(position, num_examples, permutation_seed)
                     + tf.range(min(MAX_SUBSTITUTES, num_examples), dtype=tf.int64)) % num_examples
       tries = tf.data.Dataset.from_tensor_slices(candidates).map(
-          lambda i: prepare(reader.decode(
-              {k: v[0] for k, v in reader.read(tf.reshape(i, [1])).items()}), i, position))
+          lambda i: prepare(reader.decode(_read_one(reader, i)), i, position))
       failure = tf.data.Dataset.from_tensors(position).map(lambda p: _fail(p, split, source.name))
       return tries.ignore_errors().take(1).concatenate(failure).take(1)
-    ds = positions.interleave(first_decodable, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def with_expected(expected, item):
+      c, example = item
+      return c + 1, (expected, c, example)
+
+    def repair(expected, c, examples):
+      # A chunk of the decoded stream: counters `c` (increasing), where counter `expected[0]`
+      # was due first. Each missing counter's substitute goes back in its place.
+      due = tf.range(expected[0], c[-1] + 1)
+      present = tf.scatter_nd(tf.reshape(c - expected[0], [-1, 1]), tf.ones_like(c, tf.bool),
+                              tf.shape(due, out_type=tf.int64))
+      substitutes = tf.data.Dataset.from_tensor_slices(tf.boolean_mask(due, ~present)).map(
+          to_position).flat_map(first_decodable)
+      return tf.data.Dataset.choose_from_datasets(
+          [tf.data.Dataset.from_tensor_slices(examples), substitutes],
+          tf.data.Dataset.from_tensor_slices(tf.cast(~present, tf.int64)))
+
+    ds = counters.map(attempt, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    ds = ds.scan(tf.constant(int(start_step) * batch, tf.int64), with_expected)
+    ds = ds.batch(REPAIR_CHUNK).flat_map(repair)
+    ds = ds.map(lambda e: {**e, 'image': tf.ensure_shape(e['image'], [image_size, image_size, 3])})
   ds = ds.batch(batch, drop_remainder=True)
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _read_one(reader: sources.Reader, index: tf.Tensor) -> dict[str, tf.Tensor]:
+  return {k: v[0] for k, v in reader.read(tf.reshape(index, [1])).items()}
+
+
+def _check_some_decode(reader: sources.Reader, split: str, name: str) -> None:
+  """Fails unless one of the first `MAX_SUBSTITUTES` examples decodes: a split with no
+  decodable file would otherwise make the fast path drop examples forever."""
+  for i in range(min(MAX_SUBSTITUTES, reader.num_examples)):
+    try:
+      tf.io.decode_image(reader.decode(_read_one(reader, tf.constant(i, tf.int64)))['image'],
+                         channels=3, expand_animations=False)
+      return
+    except (tf.errors.OpError, ValueError):
+      continue
+  raise sources.DatasetFormatError(
+      f'None of the first {min(MAX_SUBSTITUTES, reader.num_examples)} files of split {split!r} '
+      f'of {name!r} decodes as an image; check the dataset\'s files.')
 
 
 def _fail(position, split, name):
