@@ -176,15 +176,15 @@ def train_dataset(config, source: sources.Source, split: str, *, global_batch_si
       failure = tf.data.Dataset.from_tensors(position).map(lambda p: _fail(p, split, source.name))
       return tries.ignore_errors().take(1).concatenate(failure).take(1)
 
-    def with_expected(expected, item):
-      c, example = item
-      return c + 1, (expected, c, example)
+    def with_expected(expected, chunk):
+      c, examples = chunk
+      return c[-1] + 1, (expected, c, examples)
 
     def repair(expected, c, examples):
-      # A chunk of the decoded stream: counters `c` (increasing), where counter `expected[0]`
-      # was due first. Each missing counter's substitute goes back in its place.
-      due = tf.range(expected[0], c[-1] + 1)
-      present = tf.scatter_nd(tf.reshape(c - expected[0], [-1, 1]), tf.ones_like(c, tf.bool),
+      # A chunk of the decoded stream: counters `c` (increasing), where counter `expected` was
+      # due first. Each missing counter's substitute goes back in its place.
+      due = tf.range(expected, c[-1] + 1)
+      present = tf.scatter_nd(tf.reshape(c - expected, [-1, 1]), tf.ones_like(c, tf.bool),
                               tf.shape(due, out_type=tf.int64))
       substitutes = tf.data.Dataset.from_tensor_slices(tf.boolean_mask(due, ~present)).map(
           to_position).flat_map(first_decodable)
@@ -193,10 +193,10 @@ def train_dataset(config, source: sources.Source, split: str, *, global_batch_si
           tf.data.Dataset.from_tensor_slices(tf.cast(~present, tf.int64)))
 
     ds = counters.map(attempt, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-    ds = ds.scan(tf.constant(int(start_step) * batch, tf.int64), with_expected)
-    ds = ds.batch(REPAIR_CHUNK).flat_map(repair)
-    ds = ds.map(lambda e: {**e, 'image': tf.ensure_shape(e['image'], [image_size, image_size, 3])})
-  ds = ds.batch(batch, drop_remainder=True)
+    ds = ds.batch(REPAIR_CHUNK).scan(tf.constant(int(start_step) * batch, tf.int64),
+                                     with_expected).flat_map(repair)
+  ds = ds.batch(batch, drop_remainder=True).map(
+      lambda e: {**e, 'image': tf.ensure_shape(e['image'], [batch, image_size, image_size, 3])})
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
