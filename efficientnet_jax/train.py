@@ -30,7 +30,7 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh, NamedSharding
 
 from efficientnet_jax import (checkpointing, compilation, configs_lib, errors, optim, preemption,
-                              sharding, transfer)
+                              sharding, transfer, xla_cpu)
 from efficientnet_jax.data import pipeline, prefetch, sources
 from efficientnet_jax.models import create_model, get_variant
 
@@ -396,9 +396,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                '%.1f MiB per device.', dict(mesh.shape), summary['total_bytes'] / 2**20,
                100 * summary['sharded_fraction'], config.fsdp_axis_size,
                summary['per_device_bytes'] / 2**20)
+  options = xla_cpu.run_once_options() if config.get('cpu_fast_compile') else None
   compiled = compilation.compile_in_background([
-      ('train', lambda: steps.lower_train(config.batch_size).compile()),
-      ('eval', lambda: steps.lower_eval(config.eval_batch_size).compile()),
+      ('train', lambda: steps.lower_train(config.batch_size).compile(compiler_options=options)),
+      ('eval', lambda: steps.lower_eval(config.eval_batch_size).compile(compiler_options=options)),
   ])
   best_metric, best_mode = best_metric_of(config)
   checkpointer = checkpointing.Checkpointer(workdir, config, best_metric=best_metric,

@@ -49,7 +49,10 @@ flags.DEFINE_enum('algorithm', 'ppo', ALGORITHM_CHOICES, 'Which search to run: M
 flags.DEFINE_bool('report_only', False, 'Write the reports from the store; train nothing.')
 flags.DEFINE_integer('workers', 1, 'Worker processes on this machine: this one and N - 1 that it '
                      'starts with the same flags (their logs in <workdir>/logs/). Not on a TPU '
-                     'VM, whose chips belong to one process: there, start one per host.')
+                     'VM, whose chips belong to one process: there, start one per host. With '
+                     '--quick and a local --workdir the default is 2 where the machine has 2 or '
+                     'more cores: a tiny candidate\'s run is mostly its compile, which uses about '
+                     'one core.')
 flags.DEFINE_bool('reports', True, 'Write the reports when this worker is done (the workers that '
                   '--workers starts leave them to it).')
 
@@ -108,9 +111,12 @@ def main(argv):
   config, workdir = cli.parse(argv)
   filename = str(config_flags.get_config_filename(flags.FLAGS['config']))
   quick = flags.FLAGS.quick or filename.endswith(':quick')
+  workers = flags.FLAGS.workers
+  if quick and not flags.FLAGS['workers'].present and '://' not in str(workdir):
+    workers = min(2, os.cpu_count() or 1)
   rows = run(config, workdir, storage_url=flags.FLAGS.storage,
              algorithm=flags.FLAGS.algorithm, quick=quick, train=not flags.FLAGS.report_only,
-             reports=flags.FLAGS.reports, workers=flags.FLAGS.workers)
+             reports=flags.FLAGS.reports, workers=workers)
   if rows:
     print(epath.Path(workdir, 'leaderboard.md').read_text())
     print(f'Best network: {epath.Path(workdir, results.BEST_CONFIG_FILE)}')
@@ -118,4 +124,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_flags('baseline_search')
-  app.run(main)
+  cli.run(main)

@@ -149,4 +149,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_flags('compound_search')
-  app.run(main)
+  cli.run(main)

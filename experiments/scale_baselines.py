@@ -161,4 +161,4 @@ if __name__ == '__main__':
   cli.define_flags('scale_baselines')
   flags.DEFINE_bool('train', False, 'Also train every row (sets --config.train_models to all '
                     'of --config.models).')
-  app.run(main)
+  cli.run(main)

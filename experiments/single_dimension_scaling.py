@@ -107,4 +107,4 @@ def main(argv):
 
 if __name__ == '__main__':
   cli.define_flags('single_dimension_scaling')
-  app.run(main)
+  cli.run(main)

@@ -154,6 +154,29 @@ def test_pareto_front_and_plots_in_both_forms(tmp_path):
   assert (tmp_path / 'progress.png').stat().st_size > 0
 
 
+def test_a_preempted_candidate_stops_the_worker_and_is_retried(tmp_path):
+  """SIGTERM during a candidate (train raises Preempted after saving): the worker stops instead
+  of counting a failed network and going on, and the rerun trains that candidate again."""
+  from efficientnet_jax import preemption
+  workdir = str(tmp_path)
+
+  class PreemptedOnThird(StandIn):
+    def __call__(self, config, workdir):
+      if self.calls == 2:
+        self.calls += 1
+        raise preemption.Preempted(7, workdir)
+      return super().__call__(config, workdir)
+
+  first = PreemptedOnThird()
+  with pytest.raises(preemption.Preempted):
+    baseline_search.run(quick_config(), workdir, algorithm='random', quick=True, train_fn=first)
+  assert first.calls == 3
+  rest = StandIn()
+  rows = baseline_search.run(quick_config(), workdir, algorithm='random', quick=True,
+                             train_fn=rest)
+  assert rest.calls == BUDGET - 2 and len(rows) == BUDGET
+
+
 @pytest.mark.slow
 def test_quick_search_then_compound_search_of_its_best(tmp_path_factory):
   # The quick mode as shipped (PPO), each candidate trained for the test's 10 steps; then the

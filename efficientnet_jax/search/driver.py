@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from efficientnet_jax import configs_lib, errors
+from efficientnet_jax import configs_lib, errors, preemption
 from efficientnet_jax.search import algorithms, objective, space as space_lib
 from efficientnet_jax.search.controller import ControllerConfig
 from efficientnet_jax.study import runner
@@ -387,8 +387,10 @@ def run_worker(search: Search, *, train_fn: runner.TrainFn | None = None,
     except errors.UserError:
       _requeue(search, trial)
       raise
-    except (KeyboardInterrupt, SystemExit):
-      _requeue(search, trial)  # resumed from its checkpoint by the next worker
+    except (KeyboardInterrupt, SystemExit, preemption.Preempted):
+      # A preemption notice (SIGTERM) saved the candidate's checkpoint: this worker stops, and
+      # the retry resumes that checkpoint (here or on another worker). Not a failed network.
+      _requeue(search, trial)
       raise
     except Exception as e:  # this network failed (diverged, ran out of memory, ...)
       failures += 1

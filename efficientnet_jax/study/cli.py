@@ -24,9 +24,21 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-__all__ = ['CONFIG_DIR', 'define_flags', 'load_config', 'parse']
+__all__ = ['CONFIG_DIR', 'define_flags', 'load_config', 'parse', 'run']
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'experiments'
+
+
+def run(main_fn) -> None:
+  """`app.run(main_fn)` for a study. A preemption notice (SIGTERM) saves the running candidate's
+  checkpoint and ends the study with status 0; the same command resumes it."""
+  def main(argv):
+    from efficientnet_jax import launch, preemption  # pylint: disable=import-outside-toplevel
+    try:
+      return main_fn(argv)
+    except preemption.Preempted as e:
+      launch.exit_now(0, f'{e}; rerun the same command to resume the study.')
+  app.run(main)
 
 
 def define_flags(study: str) -> None:
