@@ -3,6 +3,13 @@
     python -m efficientnet_jax.main --config=configs/b7.py --workdir=gs://BUCKET/b7 \
         --config.data_dir=gs://BUCKET/tensorflow_datasets
 
+Recommended slice: v4-256. Check that it fits before launching (any machine, the tpu extra):
+
+    python -m efficientnet_jax.aot --config=configs/b7.py --topology=v4:4x4x8
+
+Its dry-run figures are not measured yet (compiling for a 32+-chip slice takes
+tens of minutes on a 2-core machine); the command above prints them.
+
 Local smoke run of the same experiment: --config=configs/b7.py:smoke
 """
 from efficientnet_jax import configs_lib
