@@ -61,9 +61,13 @@ def algorithms_of(name: str) -> tuple[str, ...]:
   return ALGORITHM_CHOICES[:3] if name == 'all' else (name,)
 
 
+def _is_local(workdir: str) -> bool:
+  return '://' not in str(workdir)
+
+
 def start_local_workers(count: int, workdir: str) -> list[subprocess.Popen]:
   """Starts `count` more workers of this command on this machine, logging to workdir/logs/."""
-  if '://' in workdir:
+  if not _is_local(workdir):
     raise errors.ConfigError('--workers needs a local --workdir for the workers\' logs; on a '
                              'cluster start one worker per host instead.')
   args = [a for a in sys.argv[1:] if not a.lstrip('-').startswith(('workers', 'reports',
@@ -112,7 +116,7 @@ def main(argv):
   filename = str(config_flags.get_config_filename(flags.FLAGS['config']))
   quick = flags.FLAGS.quick or filename.endswith(':quick')
   workers = flags.FLAGS.workers
-  if quick and not flags.FLAGS['workers'].present and '://' not in str(workdir):
+  if quick and not flags.FLAGS['workers'].present and _is_local(workdir):
     workers = min(2, os.cpu_count() or 1)
   rows = run(config, workdir, storage_url=flags.FLAGS.storage,
              algorithm=flags.FLAGS.algorithm, quick=quick, train=not flags.FLAGS.report_only,

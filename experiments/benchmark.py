@@ -282,26 +282,24 @@ def summarise(times: list[float], batch_size: int) -> dict:
   return {'median_s': median, 'images_per_s': batch_size / median, 'times_s': times}
 
 
-def _cpu_name() -> str:
+def _cpuinfo(field: str) -> str:
+  """The first `field` line of /proc/cpuinfo ('' where it cannot be read)."""
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
+        if line.startswith(field):
           return line.split(':', 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or 'unknown CPU'
+  return ''
+
+
+def _cpu_name() -> str:
+  return _cpuinfo('model name') or platform.processor() or 'unknown CPU'
 
 
 def _cpu_flags() -> set[str]:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('flags'):
-          return set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
-  return set()
+  return set(_cpuinfo('flags').split())
 
 
 def ratios(columns, table) -> dict:
