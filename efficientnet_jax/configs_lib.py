@@ -199,9 +199,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache, so a restarted job does not recompile: 'workdir'
   # (workdir/compilation_cache), a directory (local or gs://, may be shared by runs) or '' (off).
   config.compilation_cache = 'workdir'
-  # On a CPU, compile the train and eval steps with cheap code generation (XLA:CPU optimisation
-  # level 0, no expensive LLVM passes): for runs whose compile dominates, like the studies' quick
-  # proxies (a tiny network's train step: ~45 s to compile, 4 s to run). No effect elsewhere.
+  # On a CPU, compile the train and eval steps with cheaper code generation (XLA:CPU optimisation
+  # level 1): for runs whose compile dominates, like the studies' quick proxies (a tiny network's
+  # train step: 16 s to compile instead of 21, 89 ms a step instead of 77). No effect elsewhere.
   config.cpu_fast_compile = False
   # Write a profile of a few steps to the workdir (clu periodic_actions.Profile).
   config.profile = False
@@ -432,6 +432,7 @@ def quick_study_recipe(steps: int = 80) -> ml_collections.ConfigDict:
   config.num_train_steps = steps
   config.eval_every_steps = steps  # evaluate and checkpoint once, at the end
   config.checkpoint_every_steps = steps
+  config.best_checkpoint_metric = ''  # one evaluation, at the last checkpoint: no second copy
   config.log_every_steps = 20
   config.prefetch_batches = 1
   config.cpu_fast_compile = True

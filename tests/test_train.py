@@ -497,7 +497,8 @@ def test_grad_accum_equals_average_of_half_batches():
     dict(optimizer='rmsprop', grad_clip_norm=1.0), dict(optimizer='adamw', weight_decay=0.0),
 ])
 @pytest.mark.parametrize('bad', [np.nan, np.inf])
-def test_non_finite_gradient_always_reaches_the_state(overrides, bad):
+@pytest.mark.parametrize('one_reduction', [False, True])
+def test_non_finite_gradient_always_reaches_the_state(overrides, bad, one_reduction):
   """train_step checks the new state, not the gradients: that is enough only if a NaN or Inf in
   any gradient leaf makes the updated parameters or optimizer state non-finite, for every
   optimizer (with or without momentum, clipping, a zero learning rate)."""
@@ -508,13 +509,15 @@ def test_non_finite_gradient_always_reaches_the_state(overrides, bad):
   grads = {'a': jnp.full((3, 2), 0.1), 'b': jnp.full((4,), 0.1).at[2].set(bad)}
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
-  all_finite = train._all_finite  # pylint: disable=protected-access
+  all_finite = functools.partial(train._all_finite,  # pylint: disable=protected-access
+                                 one_reduction=one_reduction)
   assert not bool(all_finite((new_params, new_opt_state)))
   finite_updates, finite_state = tx.update(jax.tree.map(jnp.zeros_like, grads), opt_state, params)
   assert bool(all_finite((optax.apply_updates(params, finite_updates), finite_state)))
 
 
-def test_overflowing_update_is_not_applied():
+@pytest.mark.parametrize('one_finite_reduction', [False, True])
+def test_overflowing_update_is_not_applied(one_finite_reduction):
   """Finite loss and gradients, but an update that overflows: the step must still be refused.
 
   The classifier bias holds 1e37, so the loss (~1e37) and its gradients are finite, but the
@@ -536,7 +539,8 @@ def test_overflowing_update_is_not_applied():
   batch = {'image': rng.randint(0, 256, (4, 8, 8, 3)).astype(np.uint8),
            'label': np.ones((4,), np.int32)}
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                                   config=config, base_rng=jax.random.key(1)))
+                                   config=config, base_rng=jax.random.key(1),
+                                   one_finite_reduction=one_finite_reduction))
   new_state, bad, metrics = step(state, jnp.int32(-1), batch)
   assert np.isfinite(float(metrics['loss']))
   assert int(bad) == 1  # recorded on the device: the first bad step
