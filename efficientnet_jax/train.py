@@ -131,22 +131,24 @@ def _computed_once(flag: jax.Array) -> jax.Array:
   becomes was copied into each leaf's `where` below, quadratic in the number of leaves (112k
   ops, 263k lines of HLO and a 51 s compile for a tiny B0 with 335 state leaves; 3 s without).
   A conditional is not fused into its users (an optimization barrier is, as XLA:CPU strips it
-  before fusion). TPU programs fused the flag once either way.
+  before fusion). CPU only: TPU programs fused the flag once either way, and a GPU conditional
+  copies its predicate to the host, a sync every step.
   """
   return jax.lax.cond(flag, lambda: jnp.array(True), lambda: jnp.array(False))
 
 
 def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, jax.Array], *,
                model, tx, schedule, config: ml_collections.ConfigDict,
-               base_rng, one_finite_reduction: bool = False) -> tuple[TrainState, jax.Array, dict]:
+               base_rng, for_xla_cpu: bool = False,
+               one_finite_reduction: bool = False) -> tuple[TrainState, jax.Array, dict]:
   """One optimizer step on a global batch (averaging `grad_accum_steps` micro-batches).
 
   `first_bad_step` (int32, -1 while all is well) records on the device the first step whose
   loss or updated state is not finite. That step and every later one leave the state unchanged,
   so the loop can check the flag only at its log and save boundaries, without a per-step host
-  sync, and still never apply or save a non-finite update. `one_finite_reduction`: check the
-  state with one reduction (for XLA:CPU, which compiles a kernel per leaf otherwise; only for an
-  unsharded state).
+  sync, and still never apply or save a non-finite update. `for_xla_cpu`: the program is for
+  XLA:CPU (see `_computed_once`). `one_finite_reduction`: check the state with one reduction
+  (XLA:CPU compiles a kernel per leaf otherwise; only for an unsharded state).
   """
   rng = jax.random.fold_in(base_rng, state.step)
   num_classes = model.num_classes
@@ -204,8 +206,9 @@ def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, ja
   # without state, into the parameters; 0 * Inf is NaN, so a zero learning rate or a clipped
   # norm does not hide it). One check of the state is then enough; on XLA:CPU a check per leaf
   # was half the kernels of a small network's train step (`one_finite_reduction`).
-  finite = _computed_once(jnp.isfinite(loss)
-                          & _all_finite(new_state, one_reduction=one_finite_reduction))
+  finite = jnp.isfinite(loss) & _all_finite(new_state, one_reduction=one_finite_reduction)
+  if for_xla_cpu:
+    finite = _computed_once(finite)
   good = finite & (first_bad_step < 0)
   # Keep the last good state from the first bad step on (the step counter too).
   new_state = jax.tree.map(lambda new, old: jnp.where(good, new, old), new_state, state)
@@ -368,12 +371,12 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: 
   state_sharding = sharding.state_shardings(abstract_state, mesh, config.fsdp_min_size)
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
+  on_cpu = mesh.devices.flat[0].platform == 'cpu'
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
-                        base_rng=dropout_rng,
-                        one_finite_reduction=(
-                            mesh.devices.flat[0].platform == 'cpu'
-                            and all(s.is_fully_replicated for s in jax.tree.leaves(state_sharding)))),
+                        base_rng=dropout_rng, for_xla_cpu=on_cpu,
+                        one_finite_reduction=on_cpu and all(
+                            s.is_fully_replicated for s in jax.tree.leaves(state_sharding))),
       in_shardings=(state_sharding, replicated, data_sharding),
       out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
   p_eval_step = jax.jit(

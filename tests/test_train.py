@@ -540,6 +540,7 @@ def test_overflowing_update_is_not_applied(one_finite_reduction):
            'label': np.ones((4,), np.int32)}
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
                                    config=config, base_rng=jax.random.key(1),
+                                   for_xla_cpu=one_finite_reduction,
                                    one_finite_reduction=one_finite_reduction))
   new_state, bad, metrics = step(state, jnp.int32(-1), batch)
   assert np.isfinite(float(metrics['loss']))
