@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from efficientnet_jax import cluster, launch
+from efficientnet_jax import allocator, cluster, launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics (local or gs://).')
@@ -92,4 +92,5 @@ def run(main_fn=None) -> None:
 
 
 if __name__ == '__main__':
+  allocator.reexec_with_tcmalloc()
   run()
