@@ -10,7 +10,8 @@ A process cannot swap its allocator once it runs, so `python -m efficientnet_jax
 studies re-execute themselves once, at start (before JAX is imported), with tcmalloc in
 LD_PRELOAD, where the library is installed and not already loaded. One log line says so.
 EFFICIENTNET_JAX_TCMALLOC=0 turns this off; EFFICIENTNET_JAX_TCMALLOC=/path/to/libtcmalloc.so
-names the library.
+names the library. Not for processes that load OpenVINO (`predict`, the export benchmarks, the
+test workers): its `compile_model` aborts under a preloaded tcmalloc (OpenVINO 2026.4).
 """
 from __future__ import annotations
 

@@ -19,14 +19,6 @@ if os.environ.get('EFFICIENTNET_JAX_TEST_FULL_OPT', '') in ('', '0'):
   _flags += ' ' + ' '.join(FAST_COMPILE_XLA_FLAGS)
 os.environ['XLA_FLAGS'] = _flags.strip()
 
-# pytest-xdist's workers start after this and inherit the environment: they (and every command a
-# test starts) run under tcmalloc where it is installed, as the command-line jobs do
-# (efficientnet_jax/allocator.py; CI installs it). This process keeps glibc's malloc.
-from efficientnet_jax import allocator  # noqa: E402
-
-_tcmalloc = allocator.tcmalloc_command(os.environ, [])
-if _tcmalloc is not None:
-  os.environ.update(_tcmalloc[1])
 
 import jax  # noqa: E402
 
