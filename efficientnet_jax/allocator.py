@@ -7,7 +7,8 @@ with 337k minor page faults and about as much system time as user time per step;
 (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_) and jemalloc's defaults did not change it.
 
 A process cannot swap its allocator once it runs, so `python -m efficientnet_jax.main` and the
-studies re-execute themselves once, at start (before JAX is imported), with tcmalloc in
+studies (`experiments/*_search.py`, `scale_baselines.py`, `single_dimension_scaling.py`)
+re-execute themselves once, at start (before JAX is imported), with tcmalloc in
 LD_PRELOAD, where the library is installed and not already loaded. One log line says so.
 EFFICIENTNET_JAX_TCMALLOC=0 turns this off; EFFICIENTNET_JAX_TCMALLOC=/path/to/libtcmalloc.so
 names the library. Not for processes that load OpenVINO (`predict`, the export benchmarks, the

@@ -26,6 +26,11 @@ checkpoint. `--report_only` rewrites the reports from the store without training
 """
 from __future__ import annotations
 
+from efficientnet_jax import allocator
+
+if __name__ == '__main__':  # before the heavy imports below, which would otherwise run twice
+  allocator.reexec_with_tcmalloc()
+
 import os
 import subprocess
 import sys

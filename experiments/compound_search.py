@@ -21,6 +21,11 @@ with each network's checkpoints, TensorBoard metrics and result.json. Rerunning 
 """
 from __future__ import annotations
 
+from efficientnet_jax import allocator
+
+if __name__ == '__main__':  # before the heavy imports below, which would otherwise run twice
+  allocator.reexec_with_tcmalloc()
+
 import os
 
 from absl import app, logging

@@ -22,6 +22,11 @@ candidates/<network>/ per trained network. Rerunning resumes.
 """
 from __future__ import annotations
 
+from efficientnet_jax import allocator
+
+if __name__ == '__main__':  # before the heavy imports below, which would otherwise run twice
+  allocator.reexec_with_tcmalloc()
+
 import dataclasses
 import os
 

@@ -20,6 +20,11 @@ rerunning resumes.
 """
 from __future__ import annotations
 
+from efficientnet_jax import allocator
+
+if __name__ == '__main__':  # before the heavy imports below, which would otherwise run twice
+  allocator.reexec_with_tcmalloc()
+
 import os
 
 from absl import app, logging

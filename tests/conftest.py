@@ -19,7 +19,6 @@ if os.environ.get('EFFICIENTNET_JAX_TEST_FULL_OPT', '') in ('', '0'):
   _flags += ' ' + ' '.join(FAST_COMPILE_XLA_FLAGS)
 os.environ['XLA_FLAGS'] = _flags.strip()
 
-
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)

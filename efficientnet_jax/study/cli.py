@@ -31,11 +31,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / 'configs' / 'experime
 
 def run(main_fn) -> None:
   """`app.run(main_fn)` for a study. A preemption notice (SIGTERM) saves the running candidate's
-  checkpoint and ends the study with status 0; the same command resumes it. Called from a
-  study's `__main__`: re-executes it with tcmalloc first where installed (`allocator`)."""
-  from efficientnet_jax import allocator  # pylint: disable=import-outside-toplevel
-  allocator.reexec_with_tcmalloc()
-
+  checkpoint and ends the study with status 0; the same command resumes it."""
   def main(argv):
     from efficientnet_jax import launch, preemption  # pylint: disable=import-outside-toplevel
     try:
