@@ -90,10 +90,12 @@ def _values_and_grads(conv_fn, x, kernel, cotangent, stride):
 def test_depthwise_shifted_equals_xla(kernel_size, stride):
   rng = np.random.default_rng(10 * kernel_size + stride)
   cases = []
-  for h, w in ((7, 7), (8, 8), (9, 9), (8, 11)):  # odd, even, odd, non-square
+  # Odd, even, odd, non-square; then batch 1 with maps smaller than the kernel (the hand-written
+  # backward crops and pads the output gradient by the padding the forward pass added).
+  for n, h, w in ((2, 7, 7), (2, 8, 8), (2, 9, 9), (2, 8, 11), (1, 1, 1), (1, 2, 5), (1, 6, 3)):
     out_h, out_w = -(-h // stride), -(-w // stride)
-    cases.append((normal(rng, 2, h, w, 5), normal(rng, kernel_size, kernel_size, 1, 5),
-                  normal(rng, 2, out_h, out_w, 5)))
+    cases.append((normal(rng, n, h, w, 5), normal(rng, kernel_size, kernel_size, 1, 5),
+                  normal(rng, n, out_h, out_w, 5)))
 
   @jax.jit
   def both(cases):
@@ -102,9 +104,31 @@ def test_depthwise_shifted_equals_xla(kernel_size, stride):
 
   for (x, _, _), (fast, ref) in zip(cases, both(cases)):
     h, w = x.shape[1:3]
-    assert fast[0].shape == (2, -(-h // stride), -(-w // stride), 5)
+    assert fast[0].shape == (x.shape[0], -(-h // stride), -(-w // stride), 5)
     for got, want, what in zip(fast, ref, ('output', 'd/dx', 'd/dkernel')):
       assert_close_to_scale(got, want, 1e-5, err_msg=f'{h}x{w} {what}')
+
+
+def test_depthwise_shifted_backward_in_bfloat16_and_under_remat():
+  # The hand-written backward keeps the input's and the kernel's dtypes, accumulates the kernel
+  # gradient in float32, and composes with jax.checkpoint (the model's remat) and vmap.
+  rng = np.random.default_rng(3)
+  x, kernel, cot = normal(rng, 2, 9, 9, 4), normal(rng, 3, 3, 1, 4), normal(rng, 2, 5, 5, 4)
+  ref = _values_and_grads(layers.depthwise_conv_xla, x, kernel, cot, 2)
+  half = jax.jit(lambda *a: _values_and_grads(layers.depthwise_conv_shifted, *a, 2))(
+      x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), cot.astype(jnp.bfloat16))
+  for got, want, dtype in zip(half, ref, (jnp.bfloat16,) * 3):
+    assert got.dtype == dtype
+    assert_close_to_scale(got.astype(jnp.float32), want, 3e-2)
+  remat = jax.checkpoint(lambda x, k: layers.depthwise_conv_shifted(x, k, 2))
+  got = jax.jit(lambda *a: _values_and_grads(lambda x, k, _: remat(x, k), *a, 2))(x, kernel, cot)
+  for a, b in zip(got, ref):
+    assert_close_to_scale(a, b, 1e-5)
+  batched = jax.vmap(lambda xi: jax.grad(
+      lambda x: jnp.sum(layers.depthwise_conv_shifted(x, kernel, 1) ** 2))(xi[None]))(x)
+  want = jax.vmap(lambda xi: jax.grad(
+      lambda x: jnp.sum(layers.depthwise_conv_xla(x, kernel, 1) ** 2))(xi[None]))(x)
+  assert_close_to_scale(batched, want, 1e-5)
 
 
 def test_depthwise_shifted_is_not_trivially_equal():
