@@ -140,7 +140,8 @@ def _computed_once(flag: jax.Array) -> jax.Array:
 def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, jax.Array], *,
                model, tx, schedule, config: ml_collections.ConfigDict,
                base_rng, for_xla_cpu: bool = False,
-               one_finite_reduction: bool = False) -> tuple[TrainState, jax.Array, dict]:
+               one_finite_reduction: bool = False, gather_params=None,
+               scatter_grads=None) -> tuple[TrainState, jax.Array, dict]:
   """One optimizer step on a global batch (averaging `grad_accum_steps` micro-batches).
 
   `first_bad_step` (int32, -1 while all is well) records on the device the first step whose
@@ -149,6 +150,8 @@ def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, ja
   sync, and still never apply or save a non-finite update. `for_xla_cpu`: the program is for
   XLA:CPU (see `_computed_once`). `one_finite_reduction`: check the state with one reduction
   (XLA:CPU compiles a kernel per leaf otherwise; only for an unsharded state).
+  `gather_params` / `scatter_grads`: FSDP's all-gather of the parameters for the computation and
+  reduce-scatter of the gradients (`sharding.fsdp_compute_constraints`).
   """
   rng = jax.random.fold_in(base_rng, state.step)
   num_classes = model.num_classes
@@ -161,6 +164,8 @@ def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, ja
     def loss_fn(p):
       if frozen:
         p = optim.stop_backbone_gradient(p)
+      if gather_params is not None:
+        p = gather_params(p)
       logits, new_vars = model.apply(
           {'params': p, 'batch_stats': batch_stats}, normalize_images(images, config),
           train=not frozen, mutable=['batch_stats'], rngs={'dropout': key})
@@ -168,6 +173,8 @@ def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, ja
       loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
       return loss, (new_vars['batch_stats'], logits)
     (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if scatter_grads is not None:
+      grads = scatter_grads(grads)
     top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
     return grads, new_stats, loss, top1
 
@@ -217,8 +224,11 @@ def train_step(state: TrainState, first_bad_step: jax.Array, batch: dict[str, ja
   return new_state, first_bad_step, metrics
 
 
-def eval_step(params, batch_stats, batch, *, model, config) -> dict[str, jax.Array]:
+def eval_step(params, batch_stats, batch, *, model, config,
+              gather_params=None) -> dict[str, jax.Array]:
   """Sums of loss, top-1, top-5 and the example count over the real (mask=1) examples."""
+  if gather_params is not None:
+    params = gather_params(params)
   logits = model.apply({'params': params, 'batch_stats': batch_stats},
                        normalize_images(batch['image'], config), train=False)
   logits = logits.astype(jnp.float32)
@@ -372,15 +382,17 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, steps_per_epoch: 
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
   on_cpu = mesh.devices.flat[0].platform == 'cpu'
+  gather, scatter = sharding.fsdp_compute_constraints(state_sharding.params, mesh)
   p_train_step = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config,
                         base_rng=dropout_rng, for_xla_cpu=on_cpu,
                         one_finite_reduction=on_cpu and all(
-                            s.is_fully_replicated for s in jax.tree.leaves(state_sharding))),
+                            s.is_fully_replicated for s in jax.tree.leaves(state_sharding)),
+                        gather_params=gather, scatter_grads=scatter),
       in_shardings=(state_sharding, replicated, data_sharding),
       out_shardings=(state_sharding, replicated, replicated), donate_argnums=(0, 1))
   p_eval_step = jax.jit(
-      functools.partial(eval_step, model=model, config=config),
+      functools.partial(eval_step, model=model, config=config, gather_params=gather),
       in_shardings=(state_sharding.params, state_sharding.batch_stats, data_sharding),
       out_shardings=replicated)
   return Steps(model=model, tx=tx, init=init, init_rng=init_rng,

@@ -260,6 +260,13 @@ def prepare(args, peers) -> dict:
   return paths
 
 
+def _with_tcmalloc(env: dict) -> dict:
+  """`env` with tcmalloc preloaded where installed, as `python -m efficientnet_jax.main` runs."""
+  from efficientnet_jax import allocator  # pylint: disable=import-outside-toplevel
+  command = allocator.tcmalloc_command(env, [])
+  return command[1] if command else env
+
+
 def _run_worker(args, peer, mode, batch_size, path) -> list[float] | None:
   cmd = [sys.executable, os.path.abspath(__file__), f'--worker={peer}', f'--mode={mode}',
          f'--batch_size={batch_size}', f'--model={args.model}', f'--resolution={args.resolution}',
@@ -268,7 +275,12 @@ def _run_worker(args, peer, mode, batch_size, path) -> list[float] | None:
          f'--warmup={args.warmup}', f'--iters={args.iters}', f'--path={path or ""}']
   if args.tiny:
     cmd.append('--tiny')
-  done = subprocess.run(cmd, capture_output=True, text=True)
+  env = dict(os.environ)
+  if args.tcmalloc == 'all' and not peer.endswith('openvino') and 'openvino' not in peer:
+    env = _with_tcmalloc(env)
+  elif args.tcmalloc == 'ours' and peer in ('ours', 'ours-bf16'):
+    env = _with_tcmalloc(env)
+  done = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if done.returncode:
     print(f'  {peer} {mode} batch {batch_size} failed:\n{done.stderr[-1500:]}', flush=True)
     return None
@@ -335,6 +347,10 @@ def main(argv=None):
                       help='ours, inference: fold BatchNorm into the convs (auto: on CPU)')
   parser.add_argument('--tiny', action='store_true',
                       help='ours and our exports at width and depth 0.25 (smoke runs only)')
+  parser.add_argument('--tcmalloc', default='ours', choices=('ours', 'all', 'none'),
+                      help="which workers run with tcmalloc preloaded (where installed): 'ours' "
+                      '(default) as our jobs run themselves, every other peer as it comes; '
+                      "'all' every peer but OpenVINO (it aborts under tcmalloc); 'none'")
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--rounds', type=int, default=2, help='round-robin repeats; best kept')
@@ -368,7 +384,8 @@ def main(argv=None):
     columns.append(('train', args.train_batch_size))
   column_names = [f'{mode} b{batch}' for mode, batch in columns]
   print(f'{args.model} at {args.resolution} px on {_cpu_name()}, {os.cpu_count()} cores; '
-        f'bf16 units: {bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})}', flush=True)
+        f'bf16 units: {bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})}; tcmalloc preloaded '
+        f'for: {args.tcmalloc}', flush=True)
   paths = prepare(args, peers)
 
   table: dict[str, dict[str, float]] = {}
@@ -401,7 +418,8 @@ def main(argv=None):
     print(f'{key}: {value:.2f}x')
   results = {'model': args.model, 'resolution': args.resolution, 'tiny': args.tiny,
              'cpu': _cpu_name(), 'cpu_count': os.cpu_count(), 'date': time.strftime('%Y-%m-%d'),
-             'rounds': args.rounds, 'iters': args.iters, 'images_per_s': table,
+             'rounds': args.rounds, 'iters': args.iters, 'tcmalloc': args.tcmalloc,
+             'images_per_s': table,
              'ratios': found, 'runs': runs}
   if args.json:
     with open(args.json, 'w') as f:
