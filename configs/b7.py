@@ -3,15 +3,16 @@
     python -m efficientnet_jax.main --config=configs/b7.py --workdir=gs://BUCKET/b7 \
         --config.data_dir=gs://BUCKET/tensorflow_datasets
 
-Recommended slice: v4-256, with remat. Check that it fits before launching (any machine, the tpu
+Recommended slice: v4-256; it fits as shipped. Check before launching (any machine, the tpu
 extra):
 
-    python -m efficientnet_jax.aot --config=configs/b7.py --topology=v4:4x4x8 --config.remat=True
+    python -m efficientnet_jax.aot --config=configs/b7.py --topology=v4:4x4x8
 
-Measured 2026-12-06 (jax[tpu] 0.10.2, train step): 13.5 of 32 GiB per v4 chip; roofline step
->= 353 ms (memory-bound), so <= 11,594 img/s (91 per chip). The compile took 22 min on a 2-core
-machine. (Before FSDP gathered the parameters rather than the activations, the same command
-reported 66.8 GiB per chip: see docs/pod.md.)
+Measured 2026-12-06 (jax[tpu] 0.10.2, train step): 27.7 of 32 GiB per v4 chip; roofline step
+>= 322 ms (memory-bound), so <= 12,706 img/s (99 per chip). With --config.remat=True: 13.5 GiB
+per chip and >= 353 ms (11,594 img/s). The compiles took 17 and 22 min on a 2-core machine.
+(Before FSDP gathered the parameters rather than the activations, the same commands reported
+76.2 and 66.8 GiB per chip: see docs/pod.md.)
 
 Local smoke run of the same experiment: --config=configs/b7.py:smoke
 """
