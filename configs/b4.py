@@ -7,8 +7,9 @@ Recommended slice: v4-256. Check that it fits before launching (any machine, the
 
     python -m efficientnet_jax.aot --config=configs/b4.py --topology=v4:4x4x8
 
-Its dry-run figures are not measured yet (compiling for a 32+-chip slice takes
-tens of minutes on a 2-core machine); the command above prints them.
+Measured 2026-12-06 (jax[tpu] 0.10.2, train step): 9.3 of 32 GiB per v4 chip; roofline step
+>= 76 ms (memory-bound), so <= 53,962 img/s (422 per chip). The compile took 14 min on a 2-core
+machine.
 
 Local smoke run of the same experiment: --config=configs/b4.py:smoke
 """
