@@ -275,11 +275,9 @@ def _run_worker(args, peer, mode, batch_size, path) -> list[float] | None:
          f'--warmup={args.warmup}', f'--iters={args.iters}', f'--path={path or ""}']
   if args.tiny:
     cmd.append('--tiny')
-  env = dict(os.environ)
-  if args.tcmalloc == 'all' and not peer.endswith('openvino') and 'openvino' not in peer:
-    env = _with_tcmalloc(env)
-  elif args.tcmalloc == 'ours' and peer in ('ours', 'ours-bf16'):
-    env = _with_tcmalloc(env)
+  preload = (args.tcmalloc == 'all' and 'openvino' not in peer
+             or args.tcmalloc == 'ours' and peer in ('ours', 'ours-bf16'))
+  env = _with_tcmalloc(dict(os.environ)) if preload else dict(os.environ)
   done = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if done.returncode:
     print(f'  {peer} {mode} batch {batch_size} failed:\n{done.stderr[-1500:]}', flush=True)

@@ -67,22 +67,29 @@ def average_pool(x: jax.Array, stride: int) -> jax.Array:
                      count_include_pad=False)
 
 
+def tap_slice(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], stride: int) -> jax.Array:
+  """The input pixels that kernel tap (i, j) of a VALID conv on padded `xp` meets, one per output
+  pixel: rows i, i + stride, ... and columns j, j + stride, ..., out_hw of them."""
+  n, _, _, c = xp.shape
+  out_h, out_w = out_hw
+  return lax.slice(xp, (0, i, j, 0),
+                   (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
+                   (1, stride, stride, 1))
+
+
 def depthwise_taps(xp: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   """Depthwise conv of an already padded input (VALID) as a sum of k*k strided slices times taps.
 
   On `pad_for_depthwise`'s output this is the SAME conv of the unpadded input.
   """
-  n, hp, wp, c = xp.shape
+  _, hp, wp, c = xp.shape
   kh, kw = kernel.shape[:2]
   out_h, out_w = (hp - kh) // stride + 1, (wp - kw) // stride + 1
   taps = kernel.reshape(kh, kw, c)
   out = None
   for i in range(kh):
     for j in range(kw):
-      patch = lax.slice(xp, (0, i, j, 0),
-                        (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                        (1, stride, stride, 1))
-      term = patch * taps[i, j]
+      term = tap_slice(xp, i, j, (out_h, out_w), stride) * taps[i, j]
       out = term if out is None else out + term
   return out
 
@@ -96,7 +103,7 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, stride: int) -> jax.
   hand (`_depthwise_shifted_bwd`): autodiff's is a sum of k*k zero-padded copies of the output
   gradient, each index checked against its padding, several times slower on XLA:CPU.
   """
-  return depthwise_taps(pad_for_depthwise(x, kernel.shape[0], stride), kernel, stride)
+  return _depthwise_shifted_fwd(x, kernel, stride)[0]
 
 
 def _depthwise_shifted_fwd(x, kernel, stride):
@@ -129,15 +136,12 @@ def depthwise_input_grad(g: jax.Array, kernel: jax.Array, stride: int,
 
 def depthwise_kernel_grad(xp: jax.Array, g: jax.Array, kernel_shape, stride: int) -> jax.Array:
   """The kernel gradient: for each tap, the sum over batch and space of its input slice times g."""
-  kh, kw, _, c = kernel_shape
-  n, out_h, out_w, _ = g.shape
+  kh, kw = kernel_shape[:2]
   gf = g.astype(jnp.float32)
   taps = []
   for i in range(kh):
     for j in range(kw):
-      patch = lax.slice(xp, (0, i, j, 0),
-                        (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c),
-                        (1, stride, stride, 1))
+      patch = tap_slice(xp, i, j, g.shape[1:3], stride)
       taps.append(jnp.sum(patch.astype(jnp.float32) * gf, axis=(0, 1, 2)))
   return jnp.stack(taps).reshape(kernel_shape)
 
@@ -184,14 +188,10 @@ def conv_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     if stride > 1:
       x = x[:, ::stride, ::stride, :]
     return _pixels_matmul(x, kernel.reshape(cin, cout))
-  n, h, w, _ = x.shape
+  _, h, w, _ = x.shape
   out_h, out_w = -(-h // stride), -(-w // stride)
   xp = jnp.pad(x, ((0, 0), same_padding(h, kh, stride), same_padding(w, kw, stride), (0, 0)))
-  patches = [
-      lax.slice(xp, (0, i, j, 0),
-                (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, cin),
-                (1, stride, stride, 1))
-      for i in range(kh) for j in range(kw)]
+  patches = [tap_slice(xp, i, j, (out_h, out_w), stride) for i in range(kh) for j in range(kw)]
   cols = jnp.concatenate(patches, axis=-1)  # (n, out_h, out_w, kh*kw*cin), HWI order
   return _pixels_matmul(cols, kernel.reshape(kh * kw * cin, cout))
 
