@@ -40,7 +40,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from efficientnet_jax import labels
+from efficientnet_jax import labels, xla_cpu
 from efficientnet_jax.data import preprocessing
 from efficientnet_jax.models import make_inference_fn
 
@@ -272,6 +272,8 @@ def main(argv):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+  # On CPU, a batch runs as one stream per core (models/inference.py); before JAX starts.
+  xla_cpu.use_one_device_per_core()
   return run(flags.FLAGS.checkpoint, argv[1:], flags.FLAGS.top_k, flags.FLAGS.batch_size,
              model=flags.FLAGS.model, runtime=flags.FLAGS.runtime)
 

@@ -8,7 +8,9 @@
 Implementations (`--peers`, default: every one but the `ours-*` exports):
 
     ours              efficientnet-jax, float32: `make_inference_fn` (on CPU: folded BatchNorm,
-                      shifted-sum convolutions); training: a jitted SGD-with-momentum step
+                      shifted-sum convolutions, a batch split into one stream per core as the
+                      predict CLI runs it; `--cores=1` for one stream); training: a jitted
+                      SGD-with-momentum step
     ours-bf16         the same with bfloat16 activations (inference)
     keras             keras.applications (TensorFlow), inference and `train_on_batch`
     torch             efficientnet_pytorch, eager (no_grad for inference), both modes
@@ -82,7 +84,10 @@ def _overrides(tiny: bool) -> dict:
 
 # ----------------------------------------------------------------------------- the measurements
 def measure_ours(model_name, batch_size, resolution, mode, conv_impl, dtype, chunk_size, warmup,
-                 iters, fold_bn='auto', tiny=False):
+                 iters, fold_bn='auto', tiny=False, cores='auto'):
+  from efficientnet_jax import xla_cpu
+  if mode == 'inference' and cores != 1:
+    xla_cpu.use_one_device_per_core()  # before JAX starts: one stream per core (as `predict`)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -96,7 +101,7 @@ def measure_ours(model_name, batch_size, resolution, mode, conv_impl, dtype, chu
   labels = jnp.asarray(rng.integers(0, 1000, batch_size))
   variables = jax.jit(model.init)(jax.random.key(0), images[:1])
   if mode == 'inference':
-    forward = make_inference_fn(model, chunk_size=chunk_size, fold_bn=fold_bn)
+    forward = make_inference_fn(model, chunk_size=chunk_size, fold_bn=fold_bn, cores=cores)
     step = lambda: forward(variables, images).block_until_ready()
   else:
     tx = optax.sgd(0.01, momentum=0.9)
@@ -231,7 +236,8 @@ def _worker(args) -> list[float]:
     return measure_ours(args.model, batch, args.resolution, mode, args.conv_impl,
                         'bfloat16' if peer == 'ours-bf16' else args.dtype, chunk,
                         fold_bn={'auto': 'auto', 'on': True, 'off': False}[args.fold_bn],
-                        tiny=args.tiny, **common)
+                        tiny=args.tiny, cores=args.cores if args.cores == 'auto'
+                        else int(args.cores), **common)
   if peer == 'keras':
     return measure_keras(args.model, batch, args.resolution, mode, **common)
   if peer == 'torch':
@@ -271,7 +277,7 @@ def _run_worker(args, peer, mode, batch_size, path) -> list[float] | None:
   cmd = [sys.executable, os.path.abspath(__file__), f'--worker={peer}', f'--mode={mode}',
          f'--batch_size={batch_size}', f'--model={args.model}', f'--resolution={args.resolution}',
          f'--conv_impl={args.conv_impl}', f'--dtype={args.dtype}',
-         f'--chunk_size={args.chunk_size}', f'--fold_bn={args.fold_bn}',
+         f'--chunk_size={args.chunk_size}', f'--fold_bn={args.fold_bn}', f'--cores={args.cores}',
          f'--warmup={args.warmup}', f'--iters={args.iters}', f'--path={path or ""}']
   if args.tiny:
     cmd.append('--tiny')
@@ -343,6 +349,9 @@ def main(argv=None):
                       "feature maps >= 28 px and 8 after with fold_bn, else 8; 0: none)")
   parser.add_argument('--fold_bn', default='auto', choices=('auto', 'on', 'off'),
                       help='ours, inference: fold BatchNorm into the convs (auto: on CPU)')
+  parser.add_argument('--cores', default='auto',
+                      help="ours, inference: CPU streams a batch is split across ('auto': one per "
+                           "core, as the predict CLI does; 1: one stream whose ops use every core)")
   parser.add_argument('--tiny', action='store_true',
                       help='ours and our exports at width and depth 0.25 (smoke runs only)')
   parser.add_argument('--tcmalloc', default='ours', choices=('ours', 'all', 'none'),

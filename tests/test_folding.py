@@ -84,14 +84,17 @@ def test_default_inference_equals_unfolded():
   assert inference.can_fold(model)
   x = images(10, size=64, seed=7)
   want = model.apply(variables, x, train=False)
-  orig = inference.CPU_STAGE_CHUNKS
+  orig = inference.CPU_STAGE_CHUNKS, inference.CPU_STAGE_CHUNKS_PER_CORE
   inference.CPU_STAGE_CHUNKS = ((16, 1), (8, 2), (0, 8))
+  inference.CPU_STAGE_CHUNKS_PER_CORE = ((16, 2), (8, 1), (0, 4))
   try:
-    got = make_inference_fn(model)(variables, x)
+    # One stream, and the batch split across two CPU devices (5 images each).
+    got = [make_inference_fn(model, cores=cores)(variables, x) for cores in (1, 2)]
   finally:
-    inference.CPU_STAGE_CHUNKS = orig
-  assert got.shape == (10, 5)
-  assert_close_to_scale(got, want, 1e-5)
+    inference.CPU_STAGE_CHUNKS, inference.CPU_STAGE_CHUNKS_PER_CORE = orig
+  for out in got:
+    assert out.shape == (10, 5)
+    assert_close_to_scale(out, want, 1e-5)
   # An explicit chunk size folds too, with one uniform chunk.
   got = make_inference_fn(model, chunk_size=2, fold_bn=True)(variables, x)
   assert_close_to_scale(got, want, 1e-5)
@@ -100,6 +103,8 @@ def test_default_inference_equals_unfolded():
 def test_fold_only_where_it_applies():
   assert inference.stage_chunk(112) == 2 and inference.stage_chunk(28) == 2
   assert inference.stage_chunk(14) == inference.CPU_CHUNK_SIZE
+  assert inference.stage_chunk(112, per_core=True) == 1
+  assert inference.stage_chunk(14, per_core=True) == inference.CPU_CHUNK_SIZE
   assert not inference.can_fold(create_model('efficientnet-b0', conv_impl='xla'))
   assert not inference.can_fold(create_model('efficientnet-b0', features_only=True))
   assert not inference.can_fold(create_model('efficientnet-b0', dtype=jnp.bfloat16))
