@@ -100,6 +100,17 @@ def test_default_inference_equals_unfolded():
   assert_close_to_scale(got, want, 1e-5)
 
 
+def test_folded_weights_follow_the_variables():
+  # The default folds at every batch size and keeps the folded weights for the same arrays only:
+  # new variables (or numpy ones, which could change in place) are folded afresh.
+  model = small_model()
+  first, second = tame_variables(model, seed=8), tame_variables(model, seed=9)
+  x = images(1, size=64, seed=10)
+  fn = make_inference_fn(model, cores=1)
+  for variables in (first, second, first, jax.tree.map(np.asarray, second)):
+    assert_close_to_scale(fn(variables, x), model.apply(variables, x, train=False), 1e-5)
+
+
 def test_fold_only_where_it_applies():
   assert inference.stage_chunk(112) == 2 and inference.stage_chunk(28) == 2
   assert inference.stage_chunk(14) == inference.CPU_CHUNK_SIZE

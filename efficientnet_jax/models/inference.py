@@ -82,10 +82,30 @@ def _map_chunks(fn, x, chunk: int):
   return jax.tree.map(lambda y: y.reshape(batch, *y.shape[2:]), out)
 
 
+class _SameArrays:
+  """`compute(tree)`, remembered for the next call with the very same arrays.
+
+  Only trees of `jax.Array`s (immutable) are remembered, one at a time; anything else is
+  computed afresh. Holds the last tree and its result alive.
+  """
+
+  def __init__(self, compute: Callable[[Any], Any]):
+    self.compute, self.leaves, self.value = compute, None, None
+
+  def __call__(self, tree):
+    leaves = jax.tree.leaves(tree)
+    if not all(isinstance(leaf, jax.Array) for leaf in leaves):
+      return self.compute(tree)
+    if self.leaves is None or len(leaves) != len(self.leaves) or any(
+        a is not b for a, b in zip(leaves, self.leaves)):
+      self.leaves, self.value = leaves, self.compute(tree)
+    return self.value
+
+
 def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
                       fold_bn: bool | str = 'auto',
                       cores: int | str = 'auto') -> Callable[[Any, jax.Array], jax.Array]:
-  """Returns jitted `fn(variables, images) -> outputs` for `model.apply(..., train=False)`.
+  """Returns `fn(variables, images) -> outputs`, compiled, for `model.apply(..., train=False)`.
 
   Args:
     model: any Flax module taking (images, train=False).
@@ -95,7 +115,9 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
       padding dropped from the outputs.
     fold_bn: run an EfficientNet with BatchNorm folded into its convs (`folding.py`) and, with
       chunk_size 'auto', per-resolution chunks; 'auto' does so where `can_fold(model)` (CPU
-      convs, float32, logits) for batches over 8 with chunk_size 'auto'. Same values as `apply`.
+      convs, float32, logits) with chunk_size 'auto'. Same values as `apply`. The folded weights
+      are kept for the next call with the same variables (the same arrays), so serving folds
+      once.
     cores: on CPU, a batch of at least as many images is split across this many CPU devices, one
       stream each (`cpu_core_devices`); 'auto' takes one per usable core where JAX has that
       many CPU devices (`xla_cpu.use_one_device_per_core()`), 1 keeps a single stream. The
@@ -105,8 +127,6 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     raise ValueError(
         f'fold_bn=True needs a float32 EfficientNet classifier with CPU convs; got '
         f'{type(model).__name__}. Use fold_bn=False (or "auto").')
-  # 'auto' folds only where it pays: batches the CPU would chunk anyway. Folding rescales every
-  # kernel on each call, which costs more than it saves on a handful of small images.
   auto_fold = fold_bn == 'auto' and chunk_size == 'auto' and can_fold(model)
   per_stage = chunk_size == 'auto' and jax.default_backend() == 'cpu'
   if chunk_size == 'auto':
@@ -127,10 +147,12 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
 
   steps = folding.folded_steps(model) if (fold_bn is True or auto_fold) else None
   devices = cpu_core_devices(cores)
+  # Folding rescales every kernel (1.6 ms for B0, more than a tenth of a batch of one), so it
+  # runs as a program of its own, once per set of variables.
+  fold = (_SameArrays(jax.jit(functools.partial(folding.fold_batch_norm, model)))
+          if steps else None)
 
-  def folded_fn(variables, images, per_core=False):
-    # Folding is a few per-channel products on the weights, done once per call outside the map.
-    folded = folding.fold_batch_norm(model, variables)
+  def folded_fn(folded, images, per_core=False):
     batch = images.shape[0]
     # Group consecutive steps that share a chunk size: [(chunk, [step fns]), ...].
     groups, side = [], images.shape[1]
@@ -153,13 +175,18 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     return x[:batch]
 
   def body(variables, images, per_core=False):
-    if fold_bn is True or (auto_fold and images.shape[0] > CPU_CHUNK_SIZE):
+    if steps:  # `variables` are the folded weights
       return folded_fn(variables, images, per_core)
     return unfolded(variables, images)
 
   single = jax.jit(body, compiler_options=xla_cpu.wide_vector_options())
   if not devices:
-    return single
+    if fold is None:
+      return single
+
+    def one_stream(variables, images):
+      return single(fold(variables), images)
+    return one_stream
 
   # One stream per core: each CPU device runs `body` on its share of the batch.
   mesh = Mesh(np.array(devices), ('cores',))
@@ -171,20 +198,13 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
                     out_specs=PartitionSpec('cores')),
       compiler_options=xla_cpu.wide_vector_options())
 
-  last = {}
-
-  def place(variables):
-    """`variables` on every stream's device, the copy kept for the next call with the same
-    (immutable) arrays: copying B0's weights on each call cost 8% of a batch of 32."""
-    leaves = jax.tree.leaves(variables)
-    if not all(isinstance(leaf, jax.Array) for leaf in leaves):
-      return jax.device_put(variables, replicated)
-    if len(leaves) != len(last.get('leaves', ())) or any(
-        a is not b for a, b in zip(leaves, last['leaves'])):
-      last.update(leaves=leaves, placed=jax.device_put(variables, replicated))
-    return last['placed']
+  # The weights on every stream's device, kept for the next call: copying B0's weights on each
+  # call cost 8% of a batch of 32.
+  place = _SameArrays(lambda variables: jax.device_put(variables, replicated))
 
   def fn(variables, images):
+    if fold is not None:
+      variables = fold(variables)
     batch = images.shape[0]
     if batch < len(devices):
       return single(variables, images)
@@ -194,5 +214,4 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     out = streams(place(variables), jax.device_put(images, split))
     return out if padded == batch else jax.tree.map(lambda y: y[:batch], out)
 
-  fn.single_stream = single
   return fn
