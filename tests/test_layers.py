@@ -185,12 +185,30 @@ def test_b0_logits_cpu_equal_xla():
   x = normal(np.random.default_rng(0), 2, 64, 64, 3)
   cpu = create_model('efficientnet-b0', conv_impl='cpu')
   xla = create_model('efficientnet-b0', conv_impl='xla')
-  variables = random_variables(jax.eval_shape(xla.init, jax.random.key(0), x), seed=0)
+  # The model's own initial values with every 1-D leaf (BN affine and statistics) moved. With
+  # `random_variables` the full B0 blows up to logits of ~1e9, where an SE gate's input is a
+  # difference of such numbers: on an AVX-512 Xeon one image's gate flipped between the two
+  # paths (51% apart at stride 32, the other image 4e-6), rounding, not a wrong convolution.
+  variables = jax.jit(xla.init)(jax.random.key(0), x[:1])
+  leaves, treedef = jax.tree.flatten(variables)
+  rng = np.random.default_rng(1)
+  variables = jax.tree.unflatten(treedef, [
+      v + 0.2 * rng.uniform(size=v.shape).astype(np.float32) if v.ndim == 1 else v
+      for v in leaves])
   got = jax.jit(cpu.apply)(variables, x)
   want = jax.jit(xla.apply)(variables, x)
   assert got.shape == (2, 1000)
   assert np.abs(np.asarray(want)).max() > 0.1  # signal, not a collapsed network
   assert_close_to_scale(got, want, 1e-4)
+  # These logits hardly depend on the image (the initial head), so compare every stage's
+  # features too: they do (the two images' maps differ by 0.2-120% of their scale).
+  got, want = (jax.jit(create_model('efficientnet-b0', conv_impl=impl, features_only=True).apply)(
+      variables, x) for impl in ('cpu', 'xla'))
+  assert sorted(got) == ['stride_16', 'stride_2', 'stride_32', 'stride_4', 'stride_8']
+  for name in got:
+    scale = np.abs(np.asarray(want[name])).max()
+    assert np.abs(np.asarray(want[name][0] - want[name][1])).max() > 1e-3 * scale, name
+    assert_close_to_scale(got[name], want[name], 1e-5, err_msg=name)
 
 
 def test_train_mode_loss_and_grads_cpu_equal_xla():
