@@ -31,7 +31,7 @@ for _model in ('b4', 'b7'):
     for _remat in (False, True):
       ROWS.append((f'{_model}-{_slice}{"-remat" if _remat else ""}', f'configs/{_model}.py',
                    _topology, _slice, ['--config.remat=True'] if _remat else []))
-# B7 does not fit v4-256 even with remat (66.8 GiB per chip): the next sizes up.
+# B7 on the next sizes up (added when, before the FSDP fix, it did not fit v4-256; docs/pod.md).
 ROWS.append(('b7-v4-512-remat', 'configs/b7.py', 'v4:4x8x8', 'v4-512', ['--config.remat=True']))
 ROWS.append(('b7-v4-1024-remat', 'configs/b7.py', 'v4:8x8x8', 'v4-1024', ['--config.remat=True']))
 ROWS.append(('l2-v4-1024-remat', 'configs/l2.py', 'v4:8x8x8', 'v4-1024', ['--config.remat=True']))
