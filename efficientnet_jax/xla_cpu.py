@@ -74,8 +74,9 @@ def usable_cores() -> int:
 def use_one_device_per_core() -> bool:
   """Gives JAX one CPU device per usable core, so that `models.make_inference_fn` can split a
   batch into one stream per core. Call it before JAX starts its backends (before any array is
-  made); afterwards it changes nothing and returns False, as it does where the user already
-  chose a device count (`jax_num_cpu_devices` or `--xla_force_host_platform_device_count`).
+  made); afterwards it changes nothing and returns False (True if JAX already has one device
+  per core), as it does where the user already chose a device count (`jax_num_cpu_devices` or
+  `--xla_force_host_platform_device_count`).
 
   One stream per core beats one stream whose every op is split across the cores: B0 at batch
   32 and 224 px on the 2-core Xeon VM, 126 -> 152 img/s (docs/performance.md). It changes what

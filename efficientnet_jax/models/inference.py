@@ -180,38 +180,32 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     return unfolded(variables, images)
 
   single = jax.jit(body, compiler_options=xla_cpu.wide_vector_options())
-  if not devices:
-    if fold is None:
-      return single
+  if not devices and fold is None:
+    return single
 
-    def one_stream(variables, images):
-      return single(fold(variables), images)
-    return one_stream
-
-  # One stream per core: each CPU device runs `body` on its share of the batch.
-  mesh = Mesh(np.array(devices), ('cores',))
-  replicated = NamedSharding(mesh, PartitionSpec())
-  split = NamedSharding(mesh, PartitionSpec('cores'))
-  streams = jax.jit(
-      jax.shard_map(functools.partial(body, per_core=True), mesh=mesh,
-                    in_specs=(PartitionSpec(), PartitionSpec('cores')),
-                    out_specs=PartitionSpec('cores')),
-      compiler_options=xla_cpu.wide_vector_options())
-
-  # The weights on every stream's device, kept for the next call: copying B0's weights on each
-  # call cost 8% of a batch of 32.
-  place = _SameArrays(lambda variables: jax.device_put(variables, replicated))
+  if devices:
+    # One stream per core: each CPU device runs `body` on its share of the batch.
+    mesh = Mesh(np.array(devices), ('cores',))
+    split = NamedSharding(mesh, PartitionSpec('cores'))
+    streams = jax.jit(
+        jax.shard_map(functools.partial(body, per_core=True), mesh=mesh,
+                      in_specs=(PartitionSpec(), PartitionSpec('cores')),
+                      out_specs=PartitionSpec('cores')),
+        compiler_options=xla_cpu.wide_vector_options())
+    # The weights on every stream's device, kept for the next call: copying B0's weights on
+    # each call cost 8% of a batch of 32.
+    place = _SameArrays(
+        lambda variables: jax.device_put(variables, NamedSharding(mesh, PartitionSpec())))
 
   def fn(variables, images):
     if fold is not None:
       variables = fold(variables)
     batch = images.shape[0]
-    if batch < len(devices):
+    if not devices or batch < len(devices):  # one stream, or fewer images than streams
       return single(variables, images)
-    padded = -(-batch // len(devices)) * len(devices)
-    if padded != batch:
+    if batch % len(devices):
       images = pad_batch(jnp.asarray(images), len(devices))
     out = streams(place(variables), jax.device_put(images, split))
-    return out if padded == batch else jax.tree.map(lambda y: y[:batch], out)
+    return jax.tree.map(lambda y: y[:batch], out) if batch % len(devices) else out
 
   return fn
