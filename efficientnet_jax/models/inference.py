@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficientnet_jax import xla_cpu
-from efficientnet_jax.models import folding, layers
+from efficientnet_jax.models import folding, layers, onednn
 from efficientnet_jax.models.efficientnet import EfficientNet
 
 # Examples per chunk on CPU: measured best for B0 at 224 px (experiments/benchmark.py).
@@ -37,6 +37,10 @@ CPU_STAGE_CHUNKS = ((28, 2), (0, CPU_CHUNK_SIZE))
 # one image at a time through the high-resolution steps. B0, batch 32, 224 px, two streams on the
 # 2-core Xeon VM: 152-157 img/s against 143-150 with the table above.
 CPU_STAGE_CHUNKS_PER_CORE = ((28, 1), (0, CPU_CHUNK_SIZE))
+# The bfloat16 path on oneDNN (`onednn.py`), whose primitives block for the cache and thread
+# themselves: up to 32 images at once, one stream. B0 at batch 32 on the 2-core Xeon VM: 185-200
+# img/s, against 154 with CPU_STAGE_CHUNKS and 176 in chunks of 16; two streams 191-198.
+ONEDNN_STAGE_CHUNKS = ((0, 32),)
 
 
 def default_chunk_size() -> int | None:
@@ -52,8 +56,15 @@ def can_fold(model: nn.Module) -> bool:
           and folding.supports_blocks(model.blocks))
 
 
-def stage_chunk(side: int, per_core: bool = False) -> int:
-  table = CPU_STAGE_CHUNKS_PER_CORE if per_core else CPU_STAGE_CHUNKS
+def uses_onednn(model: nn.Module) -> bool:
+  """Whether inference runs `model` on oneDNN (`onednn.py`): a bfloat16 EfficientNet on a CPU
+  with AMX or AVX512_BF16 where the optional extension loads (else it logs once why not)."""
+  return (onednn.supports(model) and onednn.host_has_bf16_units()
+          and onednn.load() is not None)
+
+
+def stage_chunk(side: int, per_core: bool = False, table=None) -> int:
+  table = table or (CPU_STAGE_CHUNKS_PER_CORE if per_core else CPU_STAGE_CHUNKS)
   return next(chunk for min_side, chunk in table if side >= min_side)
 
 
@@ -115,19 +126,22 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
       padding dropped from the outputs.
     fold_bn: run an EfficientNet with BatchNorm folded into its convs (`folding.py`) and, with
       chunk_size 'auto', per-resolution chunks; 'auto' does so where `can_fold(model)` (CPU
-      convs, float32, logits) with chunk_size 'auto'. Same values as `apply`. The folded weights
-      are kept for the next call with the same variables (the same arrays), so serving folds
-      once.
+      convs, float32, logits) with chunk_size 'auto'. Same values as `apply`. A bfloat16
+      EfficientNet folds too and runs its convs on oneDNN where `uses_onednn(model)` (the
+      optional extension, a CPU with AMX or AVX512_BF16): bfloat16's rounding of `apply`'s
+      values, one stream. The folded weights are kept for the next call with the same variables
+      (the same arrays), so serving folds once.
     cores: on CPU, a batch of at least as many images is split across this many CPU devices, one
       stream each (`cpu_core_devices`); 'auto' takes one per usable core where JAX has that
       many CPU devices (`xla_cpu.use_one_device_per_core()`), 1 keeps a single stream. The
       batch is padded to a multiple of the streams and the padding dropped. Same values.
   """
-  if fold_bn is True and not can_fold(model):
+  dnnl = fold_bn in ('auto', True) and uses_onednn(model)
+  if fold_bn is True and not (can_fold(model) or dnnl):
     raise ValueError(
-        f'fold_bn=True needs a float32 EfficientNet classifier with CPU convs; got '
-        f'{type(model).__name__}. Use fold_bn=False (or "auto").')
-  auto_fold = fold_bn == 'auto' and chunk_size == 'auto' and can_fold(model)
+        f'fold_bn=True needs a float32 EfficientNet classifier with CPU convs, or a bfloat16 one '
+        f'with the oneDNN extension; got {type(model).__name__}. Use fold_bn=False (or "auto").')
+  auto_fold = fold_bn == 'auto' and chunk_size == 'auto' and (can_fold(model) or dnnl)
   per_stage = chunk_size == 'auto' and jax.default_backend() == 'cpu'
   if chunk_size == 'auto':
     chunk_size = default_chunk_size()
@@ -145,11 +159,17 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     out = _map_chunks(apply, pad_batch(images, chunk_size), chunk_size)
     return jax.tree.map(lambda y: y[:batch], out)
 
-  steps = folding.folded_steps(model) if (fold_bn is True or auto_fold) else None
+  steps = None
+  if fold_bn is True or auto_fold:
+    steps = onednn.folded_steps(model) if dnnl else folding.folded_steps(model)
+  table = ONEDNN_STAGE_CHUNKS if dnnl else None
   devices = cpu_core_devices(cores)
+  if dnnl:  # oneDNN threads each op across the cores itself
+    devices = []
   # Folding rescales every kernel (1.6 ms for B0, more than a tenth of a batch of one), so it
   # runs as a program of its own, once per set of variables.
-  fold = (_SameArrays(jax.jit(functools.partial(folding.fold_batch_norm, model)))
+  fold = (_SameArrays(jax.jit(functools.partial(onednn.fold if dnnl else
+                                                folding.fold_batch_norm, model)))
           if steps else None)
 
   def folded_fn(folded, images, per_core=False):
@@ -158,7 +178,7 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     groups, side = [], images.shape[1]
     for _, stride, step in steps:
       side = -(-side // stride)
-      chunk = stage_chunk(side, per_core) if per_stage else (chunk_size or batch)
+      chunk = stage_chunk(side, per_core, table) if per_stage else (chunk_size or batch)
       if groups and groups[-1][0] == chunk:
         groups[-1][1].append(step)
       else:

@@ -1,0 +1,283 @@
+"""bfloat16 EfficientNet inference on oneDNN (CPU), through XLA FFI custom calls: optional.
+
+XLA:CPU runs bfloat16 convolutions and products no faster than float32 (slower, in fact: it
+converts around float32 kernels), while oneDNN runs them on the CPU's AMX or AVX512_BF16 units.
+This module runs an EfficientNet's convolutions on oneDNN from inside a jitted program:
+
+- `conv` (the stem, the depthwise convs) and `matmul` (every 1x1 conv) are `jax.ffi.ffi_call`s
+  of the handlers in `onednn_ffi.cc`, each fused with its bias (BatchNorm folded in), its
+  activation and, for a project conv, the residual add;
+- squeeze-excite's gate is folded into the project conv's kernel, one kernel per example,
+  wherever that is cheaper than scaling the activations (H*W >= output channels);
+- the pooling, the SE convs and the classifier stay in XLA, in float32.
+
+`folded_steps(model)` is the network as steps like `folding.folded_steps`, on `fold(model,
+variables)`'s parameters, so `make_inference_fn` chunks and streams it the same way; it takes
+this path for a bfloat16 EfficientNet on CPU where `load()` succeeds.
+
+The extension is optional: `pip install 'efficientnet-jax[onednn]'` installs oneDNN (its CPU-only
+OpenMP build and headers), and the first use compiles `onednn_ffi.cc` with the C++ compiler
+(`$CXX`, else g++), seconds, into a cache directory (`$EFFICIENTNET_JAX_CACHE`, else
+`~/.cache/efficientnet_jax`). Where any of that is missing, or `EFFICIENTNET_JAX_ONEDNN=0`,
+`load()` logs one line saying why and returns None, and bfloat16 runs on XLA's path. What was
+measured is in docs/performance.md.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficientnet_jax.models import folding, layers
+from efficientnet_jax.models.efficientnet import EfficientNet, has_residual
+from efficientnet_jax.models.naming import block_name
+
+logger = logging.getLogger(__name__)
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_ffi.cc')
+# Activation codes of onednn_ffi.cc's handlers.
+ACTIVATIONS = {'none': 0, 'swish': 1, 'relu6': 2, 'relu': 3}
+TARGETS = {'ej_onednn_conv': 'EjOnednnConv', 'ej_onednn_matmul': 'EjOnednnMatmul',
+           'ej_onednn_matmul_add': 'EjOnednnMatmulAdd'}
+
+_lock = threading.Lock()
+_state: dict = {}
+
+
+class OnednnUnavailable(RuntimeError):
+  """The oneDNN extension cannot be built or loaded here; the message says why."""
+
+
+def _onednn_prefix() -> str:
+  """The prefix (include/, lib/) holding oneDNN's headers and library."""
+  candidates = [os.environ.get('EFFICIENTNET_JAX_ONEDNN_PREFIX', ''), sys.prefix,
+                sysconfig.get_paths().get('data', ''), sys.base_prefix, '/usr/local', '/usr']
+  for prefix in filter(None, candidates):
+    header = os.path.join(prefix, 'include', 'oneapi', 'dnnl', 'dnnl.hpp')
+    if os.path.isfile(header) and glob.glob(os.path.join(prefix, 'lib*', 'libdnnl.so*')):
+      return prefix
+  raise OnednnUnavailable(
+      "oneDNN's headers and library were not found (looked in "
+      f"{', '.join(p for p in candidates if p)}); pip install 'efficientnet-jax[onednn]' "
+      '(onednn-cpu-gomp and onednn-devel-cpu-gomp) or set EFFICIENTNET_JAX_ONEDNN_PREFIX')
+
+
+def cache_dir() -> str:
+  root = (os.environ.get('EFFICIENTNET_JAX_CACHE')
+          or os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'),
+                          'efficientnet_jax'))
+  return root
+
+
+def build() -> str:
+  """Compiles `onednn_ffi.cc` (once per source, JAX and oneDNN) and returns the library's path.
+
+  Raises OnednnUnavailable, saying what is missing, where it cannot.
+  """
+  prefix = _onednn_prefix()
+  lib_dir = os.path.dirname(sorted(glob.glob(os.path.join(prefix, 'lib*', 'libdnnl.so*')))[0])
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not compiler:
+    raise OnednnUnavailable('no C++ compiler (set $CXX or install g++)')
+  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-isystem',
+             jax.ffi.include_dir(), '-isystem', os.path.join(prefix, 'include'), SOURCE,
+             f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
+  with open(SOURCE, 'rb') as f:
+    digest = hashlib.sha256(f.read())
+  libdnnl = os.path.realpath(os.path.join(lib_dir, 'libdnnl.so'))
+  digest.update(' '.join(command + [jax.__version__, libdnnl]).encode())
+  path = os.path.join(cache_dir(), f'onednn_ffi-{digest.hexdigest()[:16]}.so')
+  if os.path.isfile(path):
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Compiled beside its final name and renamed, so no process ever loads half a library.
+  fd, partial = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    done = subprocess.run(command + ['-o', partial], capture_output=True, text=True)
+    if done.returncode:
+      raise OnednnUnavailable(f'compiling {os.path.basename(SOURCE)} failed:\n'
+                              f'{done.stderr[-2000:]}')
+    os.replace(partial, path)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return path
+
+
+def load() -> ctypes.CDLL | None:
+  """The extension, built and registered with XLA on first call; None (logged once) if absent."""
+  with _lock:
+    if 'lib' in _state:
+      return _state['lib']
+    lib, reason = None, None
+    if os.environ.get('EFFICIENTNET_JAX_ONEDNN', '1') == '0':
+      reason = 'EFFICIENTNET_JAX_ONEDNN=0'
+    else:
+      try:
+        lib = ctypes.CDLL(build())
+        for target, symbol in TARGETS.items():
+          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                      platform='cpu')
+        lib.EjOnednnVersion.restype = ctypes.c_char_p
+        logger.info('oneDNN %s extension loaded for bfloat16 CPU inference',
+                    lib.EjOnednnVersion().decode())
+      except (OnednnUnavailable, OSError) as e:
+        lib, reason = None, str(e)
+    if lib is None:
+      logger.warning('efficientnet_jax: the oneDNN extension is not available, so bfloat16 CPU '
+                     'inference runs on XLA (slower): %s', reason)
+    _state['lib'], _state['reason'] = lib, reason
+    return lib
+
+
+def host_has_bf16_units() -> bool:
+  """Whether the CPU has AMX or AVX512_BF16 (where oneDNN runs bfloat16 natively)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+  except OSError:
+    return False
+  return bool({'amx_bf16', 'avx512_bf16'} & set(flags))
+
+
+def supports(model) -> bool:
+  """Whether `model` can run on this path: a bfloat16 EfficientNet classifier of MBConv blocks
+  with a oneDNN activation, on CPU (the extension itself is `load()`'s question)."""
+  return (isinstance(model, EfficientNet) and not model.features_only
+          and jnp.dtype(model.dtype) == jnp.bfloat16 and model.activation in ACTIVATIONS
+          and folding.supports_blocks(model.blocks) and jax.default_backend() == 'cpu')
+
+
+# ----------------------------------------------------------------------------- the operations
+def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1,
+         padding: tuple[tuple[int, int], tuple[int, int]] | None = None, groups: int = 1,
+         activation: str = 'none') -> jax.Array:
+  """act(conv(x, kernel) + bias) on oneDNN: NHWC `x`, HWIO `kernel` ((k, k, 1, C) depthwise
+  with groups=C), TF SAME padding unless given. Computes in `x`'s dtype (bf16 or f32)."""
+  n, h, w, _ = x.shape
+  kh, kw, _, out = kernel.shape
+  if padding is None:
+    padding = (layers.same_padding(h, kh, stride), layers.same_padding(w, kw, stride))
+  (top, bottom), (left, right) = padding
+  oh, ow = (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
+  call = jax.ffi.ffi_call('ej_onednn_conv', jax.ShapeDtypeStruct((n, oh, ow, out), x.dtype),
+                          vmap_method='sequential')
+  return call(x, kernel.astype(x.dtype), bias.astype(jnp.float32), stride=np.int64(stride),
+              pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
+              pad_right=np.int64(right), groups=np.int64(groups),
+              activation=np.int64(ACTIVATIONS[activation]))
+
+
+def matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual: jax.Array | None = None,
+           activation: str = 'none') -> jax.Array:
+  """act(x @ kernel + bias [+ residual]) on oneDNN: x (B, M, K), kernel (1 or B, K, N)."""
+  b, m, _ = x.shape
+  out = jax.ShapeDtypeStruct((b, m, kernel.shape[-1]), x.dtype)
+  args = [x, kernel.astype(x.dtype), bias.astype(jnp.float32)]
+  if residual is not None:
+    args.append(residual.astype(x.dtype))
+  target = 'ej_onednn_matmul' if residual is None else 'ej_onednn_matmul_add'
+  return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
+      *args, activation=np.int64(ACTIVATIONS[activation]))
+
+
+def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual=None,
+              activation: str = 'none') -> jax.Array:
+  """A 1x1 conv (kernel (1, 1, C, N)) of NHWC `x` as one product over every pixel."""
+  n, h, w, c = x.shape
+  flat = lambda t: t.reshape(1, n * h * w, t.shape[-1])
+  y = matmul(flat(x), kernel.reshape(1, c, -1), bias,
+             None if residual is None else flat(residual), activation)
+  return y.reshape(n, h, w, -1)
+
+
+# ----------------------------------------------------------------------------- the network
+def fold(model: EfficientNet, variables: Any) -> dict:
+  """`folding.fold_batch_norm`'s parameters with the conv kernels in bfloat16 (biases, SE and
+  classifier in float32)."""
+  folded = folding.fold_batch_norm(model, variables)
+  as_bf16 = lambda p: {'kernel': p['kernel'].astype(jnp.bfloat16), 'bias': p['bias']}
+  out = {}
+  for name, p in folded.items():
+    if name in ('stem_conv', 'top_conv'):
+      out[name] = as_bf16(p)
+    elif name == 'predictions':
+      out[name] = p
+    else:
+      out[name] = {k: (v if k.startswith('se_') else as_bf16(v)) for k, v in p.items()}
+  return out
+
+
+def _block(p: dict, x: jax.Array, kernel_size: int, stride: int, skip: str, activation: str,
+           act: Callable) -> jax.Array:
+  inputs, y = x, x
+  if 'expand_conv' in p:
+    y = pointwise(y, p['expand_conv']['kernel'], p['expand_conv']['bias'], activation=activation)
+  y = conv(y, p['dwconv']['kernel'], p['dwconv']['bias'], stride, groups=y.shape[-1],
+           activation=activation)
+  n, h, w, e = y.shape
+  project = p['project_conv']['kernel'].reshape(e, -1)
+  out = project.shape[-1]
+  residual = inputs if skip == 'identity' and has_residual(stride, inputs.shape[-1], out) else None
+  if 'se_reduce' not in p:
+    return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
+  pooled = jnp.mean(y, axis=(1, 2), dtype=jnp.float32)
+  se = lambda v, q: v @ q['kernel'].reshape(q['kernel'].shape[-2:]) + q['bias']
+  gate = jax.nn.sigmoid(se(act(se(pooled, p['se_reduce'])), p['se_expand']))  # (n, e)
+  if h * w < out:  # small maps: scale the activations
+    y = y * gate[:, None, None, :].astype(y.dtype)
+    return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
+  # Large maps: scale each example's kernel rows instead (x * g) @ W = x @ (g[:, None] * W).
+  kernels = (gate[:, :, None] * project.astype(jnp.float32)[None]).astype(y.dtype)
+  flat = lambda t: t.reshape(n, h * w, t.shape[-1])
+  y = matmul(flat(y), kernels, p['project_conv']['bias'],
+             None if residual is None else flat(residual))
+  return y.reshape(n, h, w, out)
+
+
+def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, jax.Array],
+                                                                      jax.Array]]]:
+  """The network as (name, stride, fn(folded, x) -> x) steps on `fold`'s parameters, like
+  `folding.folded_steps`; the first casts the images to bfloat16, the last returns float32
+  logits."""
+  activation = model.activation
+  act = layers.activation_fn(activation)
+  stem = model.stem_stride
+  steps = [('stem', stem, lambda f, x: conv(x.astype(jnp.bfloat16), f['stem_conv']['kernel'],
+                                            f['stem_conv']['bias'], stem,
+                                            activation=activation))]
+  for stage, (repeats, args) in enumerate(model.stage_plan()):
+    for i in range(repeats):
+      name = block_name(stage + 1, i)
+      stride = args.stride if i == 0 else 1
+      steps.append((name, stride, lambda f, x, name=name, s=stride, a=args: _block(
+          f[name], x, a.kernel_size, s, a.skip, activation, act)))
+
+  def head(f, x):
+    x = pointwise(x, f['top_conv']['kernel'], f['top_conv']['bias'], activation=activation)
+    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    return x @ f['predictions']['kernel'] + f['predictions']['bias']
+  steps.append(('head', 1, head))
+  return steps
+
+
+def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
+  """Logits of `model` from `fold`'s parameters, every conv on oneDNN (needs `load()`)."""
+  x = images
+  for _, _, step in folded_steps(model):
+    x = step(folded, x)
+  return x

@@ -1,0 +1,205 @@
+"""The optional oneDNN path (`models/onednn.py`): its convolutions and products equal XLA's, the
+network on it equals the float32 model within bfloat16's rounding, bfloat16 CPU inference gives
+float32's top-1 on the real Lite0 photos, and without the extension everything falls back with
+one log line.
+
+The tests of the extension itself skip, saying why, where it cannot be built (no oneDNN: the
+'[onednn]' extra; no C++ compiler); bfloat16 ones also where the CPU has neither AMX nor
+AVX512_BF16. The fallback and Lite0 tests run everywhere.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from efficientnet_jax import pretrained, predict
+from efficientnet_jax.models import create_model, inference, layers, make_inference_fn, onednn
+from pretrained_fixtures import lite0_dir  # noqa: F401  (a pytest fixture)
+from test_export import photos
+
+# bfloat16 keeps 8 bits of mantissa: one rounding is up to 2**-9 of a value, and a product sums
+# many. Per op, relative to the output's largest magnitude:
+BF16_OP_TOLERANCE = 1e-2
+F32_OP_TOLERANCE = 1e-5
+# The whole network in bfloat16 against float32, max |difference| / max |logit|. The real Lite0
+# weights measured 2.9e-2 (oneDNN and XLA alike) on the 8 photos.
+BF16_LOGIT_TOLERANCE = 5e-2
+
+
+def _need_extension():
+  if onednn.load() is None:
+    pytest.skip(f"the oneDNN extension is not available: {onednn._state.get('reason')}")
+
+
+def _need(dtype):
+  _need_extension()
+  if dtype == jnp.bfloat16 and not onednn.host_has_bf16_units():
+    pytest.skip('bfloat16 on oneDNN needs a CPU with AMX or AVX512_BF16')
+
+
+def _relative(got, want) -> float:
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _tolerance(dtype) -> float:
+  return BF16_OP_TOLERANCE if dtype == jnp.bfloat16 else F32_OP_TOLERANCE
+
+
+DTYPES = [pytest.param(jnp.float32, id='f32'), pytest.param(jnp.bfloat16, id='bf16')]
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('kernel_size,stride,size,batch', [
+    (3, 1, 9, 2), (3, 2, 10, 1), (3, 2, 9, 2), (5, 1, 10, 1), (5, 2, 9, 1), (5, 2, 10, 2)])
+@pytest.mark.parametrize('depthwise', [True, False], ids=['depthwise', 'regular'])
+def test_conv_equals_xla(dtype, kernel_size, stride, size, batch, depthwise):
+  """conv + bias + swish equals XLA's convolution (TF SAME padding) on the same rounded
+  inputs: kernels 3 and 5, strides 1 and 2, odd and even sizes, batch 1."""
+  _need(dtype)
+  rng = np.random.default_rng(kernel_size * 100 + stride * 10 + size)
+  channels = 24 if depthwise else 3
+  out = channels if depthwise else 16
+  x = jnp.asarray(rng.standard_normal((batch, size, size, channels)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size,
+                                            1 if depthwise else channels, out)) * 0.3, dtype)
+  bias = jnp.asarray(rng.standard_normal(out), jnp.float32)
+  groups = channels if depthwise else 1
+  got = jax.jit(lambda x, k, b: onednn.conv(x, k, b, stride, groups=groups,
+                                            activation='swish'))(x, kernel, bias)
+  padding = (layers.same_padding(size, kernel_size, stride),) * 2
+  want = jax.nn.swish(jax.lax.conv_general_dilated(
+      x.astype(jnp.float32), kernel.astype(jnp.float32), (stride, stride), padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups,
+      precision=jax.lax.Precision.HIGHEST) + bias)
+  assert got.shape == want.shape and got.dtype == dtype
+  assert _relative(got, want) <= _tolerance(dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('activation', ['none', 'swish', 'relu6', 'relu'])
+@pytest.mark.parametrize('per_example,residual', [(False, False), (True, True), (False, True)])
+def test_matmul_equals_xla(dtype, activation, per_example, residual):
+  """x @ kernel + bias [+ residual], activated; one kernel for all or one per example."""
+  _need(dtype)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((3, 50, 24)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((3 if per_example else 1, 24, 40)) * 0.3, dtype)
+  bias = jnp.asarray(rng.standard_normal(40), jnp.float32)
+  extra = jnp.asarray(rng.standard_normal((3, 50, 40)), dtype) if residual else None
+  got = jax.jit(lambda *a: onednn.matmul(*a, activation=activation))(x, kernel, bias, extra)
+  want = jnp.einsum('bmk,bkn->bmn', x.astype(jnp.float32),
+                    jnp.broadcast_to(kernel.astype(jnp.float32), (3, 24, 40)),
+                    precision=jax.lax.Precision.HIGHEST) + bias
+  if residual:
+    want = want + extra.astype(jnp.float32)
+  if activation != 'none':
+    want = layers.activation_fn(activation)(want)
+  assert got.dtype == dtype
+  assert _relative(got, want) <= _tolerance(dtype)
+
+
+def _tiny_b0(dtype):
+  return create_model('efficientnet-b0', dtype=dtype, width_coefficient=0.25,
+                      depth_coefficient=0.25)
+
+
+def _tame(variables):
+  """The model's initial values with BN statistics moved off 0/1 (a real network's spread)."""
+  rng = np.random.default_rng(3)
+  def move(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'batch_stats' in name and 'var' in name:
+      return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+    if leaf.ndim == 1:
+      return leaf + jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)
+    return leaf
+  return jax.tree_util.tree_map_with_path(move, variables)
+
+
+def test_network_on_onednn_equals_float32():
+  """A small B0 (SE folded into kernels on large maps, scaling activations on small ones; stride
+  2 at odd sizes) through `make_inference_fn` in bfloat16: oneDNN, and float32's logits within
+  bfloat16's rounding, batch 1 and 3."""
+  _need(jnp.bfloat16)
+  model, half = _tiny_b0(jnp.float32), _tiny_b0(jnp.bfloat16)
+  assert inference.uses_onednn(half) and not inference.uses_onednn(model)
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 72, 72, 3)), jnp.float32)
+  variables = _tame(jax.jit(model.init)(jax.random.key(0), images[:1]))
+  want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  fn = make_inference_fn(half)
+  for batch in (1, 3):
+    got = fn(variables, images[:batch])
+    assert got.shape == (batch, 1000) and got.dtype == jnp.float32
+    assert _relative(got, want[:batch]) <= BF16_LOGIT_TOLERANCE
+
+
+def test_without_the_extension_bfloat16_falls_back_with_one_log_line(monkeypatch, caplog):
+  """No oneDNN here: one warning saying why, and bfloat16 inference runs on XLA, the same values
+  as the model's own apply."""
+  def absent():
+    raise onednn.OnednnUnavailable("oneDNN's headers and library were not found")
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.setattr(onednn, '_onednn_prefix', absent)
+  monkeypatch.setattr(onednn, 'host_has_bf16_units', lambda: True)
+  half = _tiny_b0(jnp.bfloat16)
+  images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 64, 64, 3)), jnp.float32)
+  variables = jax.jit(half.init)(jax.random.key(0), images[:1])
+  with caplog.at_level(logging.INFO, logger='efficientnet_jax.models.onednn'):
+    assert not inference.uses_onednn(half)
+    fn = make_inference_fn(half)
+    make_inference_fn(half)
+    got = fn(variables, images)
+  lines = [r for r in caplog.records if r.name == 'efficientnet_jax.models.onednn']
+  assert len(lines) == 1 and lines[0].levelno == logging.WARNING, caplog.text
+  assert 'runs on XLA' in lines[0].getMessage()
+  assert 'headers and library were not found' in lines[0].getMessage()
+  want = jax.jit(lambda v, x: half.apply(v, x, train=False))(variables, images)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-2, atol=2e-2 * float(jnp.abs(want).max()))
+
+
+def test_disabled_by_environment(monkeypatch, caplog):
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.setenv('EFFICIENTNET_JAX_ONEDNN', '0')
+  with caplog.at_level(logging.WARNING, logger='efficientnet_jax.models.onednn'):
+    assert onednn.load() is None
+    assert onednn.load() is None
+  assert len(caplog.records) == 1 and 'EFFICIENTNET_JAX_ONEDNN=0' in caplog.text
+
+
+def test_build_failure_says_why(monkeypatch, tmp_path):
+  """A compiler that fails: OnednnUnavailable with its message, and nothing left in the cache."""
+  try:
+    onednn._onednn_prefix()
+  except onednn.OnednnUnavailable as e:
+    pytest.skip(str(e))
+  fake = tmp_path / 'fake-cxx'
+  fake.write_text('#!/bin/sh\necho "fake-cxx: cannot compile" >&2\nexit 1\n')
+  fake.chmod(0o755)
+  monkeypatch.setenv('CXX', str(fake))
+  monkeypatch.setenv('EFFICIENTNET_JAX_CACHE', str(tmp_path / 'cache'))
+  with pytest.raises(onednn.OnednnUnavailable, match='fake-cxx: cannot compile'):
+    onednn.build()
+  assert not list((tmp_path / 'cache').iterdir())
+
+
+def test_real_lite0_bfloat16_keeps_float32_top1(lite0_dir, tmp_path):  # noqa: F811
+  """bfloat16 CPU inference (oneDNN where it loads, else XLA) on the real Lite0 weights: the
+  same top-1 as float32 on skimage's 8 photos, logits within BF16_LOGIT_TOLERANCE."""
+  model, variables, metadata = pretrained.load(lite0_dir)
+  images = predict.normalize(np.stack([predict.preprocess(p, metadata)
+                                       for p in photos(tmp_path)]), metadata)
+  want = np.asarray(make_inference_fn(model)(variables, images))
+  half = model.clone(dtype=jnp.bfloat16)
+  got = np.asarray(make_inference_fn(half)(variables, images), np.float32)
+  error = _relative(got, want)
+  print(f'real Lite0, bfloat16 ({"oneDNN" if inference.uses_onednn(half) else "XLA"}) against '
+        f'float32: max |difference| / max |logit| = {error:.2e}; top-1 {got.argmax(-1).tolist()}')
+  assert 281 <= want[0].argmax() <= 285 and want[1].argmax() == 967  # a cat, an espresso
+  np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+  assert error <= BF16_LOGIT_TOLERANCE
