@@ -11,7 +11,9 @@ Implementations (`--peers`, default: every one but the `ours-*` exports):
                       shifted-sum convolutions, a batch split into one stream per core as the
                       predict CLI runs it; `--cores=1` for one stream); training: a jitted
                       SGD-with-momentum step
-    ours-bf16         the same with bfloat16 activations (inference)
+    ours-bf16         the same with bfloat16 activations (inference): on oneDNN (AMX /
+                      AVX512_BF16) where the optional extension loads (the `onednn` extra),
+                      else on XLA; the header line says which
     keras             keras.applications (TensorFlow), inference and `train_on_batch`
     torch             efficientnet_pytorch, eager (no_grad for inference), both modes
     onnxruntime       efficientnet_pytorch exported once by `torch.onnx.export` (opset 17), in
@@ -291,6 +293,17 @@ def _run_worker(args, peer, mode, batch_size, path) -> list[float] | None:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _bf16_path() -> str:
+  """Where ours-bf16 runs: oneDNN (the extension built and loaded here) or XLA, and why."""
+  from efficientnet_jax.models import onednn  # pylint: disable=import-outside-toplevel
+  if not onednn.host_has_bf16_units():
+    return 'XLA (this CPU has neither AMX nor AVX512_BF16)'
+  lib = onednn.load()
+  if lib is None:
+    return f"XLA (the oneDNN extension is not available: {onednn._state['reason']})"
+  return f'oneDNN {lib.EjOnednnVersion().decode()} through XLA FFI'
+
+
 def summarise(times: list[float], batch_size: int) -> dict:
   """Images/s from the median step time (robust to one slow step)."""
   ordered = sorted(times)
@@ -393,6 +406,8 @@ def main(argv=None):
   print(f'{args.model} at {args.resolution} px on {_cpu_name()}, {os.cpu_count()} cores; '
         f'bf16 units: {bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})}; tcmalloc preloaded '
         f'for: {args.tcmalloc}', flush=True)
+  if 'ours-bf16' in peers:
+    print(f'ours-bf16 runs on: {_bf16_path()}', flush=True)
   paths = prepare(args, peers)
 
   table: dict[str, dict[str, float]] = {}
