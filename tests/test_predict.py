@@ -157,6 +157,23 @@ def test_cli_names_the_cat_and_the_espresso(lite0_dir, tmp_path):  # noqa: F811
   assert '2 of 4 images could not be classified.' in result.stderr
 
 
+def test_bfloat16_run_names_the_espresso(lite0_dir, tmp_path):  # noqa: F811
+  """`--dtype=bfloat16` (oneDNN where it loads, else XLA): the same classes; a bad dtype, or one
+  given for an exported artifact, exits 2 saying why."""
+  cat, coffee, _, _ = _photos(tmp_path)
+  out, err = io.StringIO(), io.StringIO()
+  assert predict.run(lite0_dir, [str(cat), str(coffee)], out=out, err=err,
+                     dtype='bfloat16') == 0, err.getvalue()
+  blocks = _parse(out.getvalue())
+  assert blocks[str(cat)][0][0] in CAT_CLASSES
+  assert blocks[str(coffee)][0][:2] == (ESPRESSO, 'espresso')
+  assert predict.run(lite0_dir, [str(cat)], out=out, err=err, dtype='float16') == 2
+  assert '--dtype=float16: valid values: float32, bfloat16.' in err.getvalue()
+  assert predict.run(None, [str(cat)], out=out, err=err, model=str(tmp_path / 'm.onnx'),
+                     dtype='bfloat16') == 2
+  assert 'applies to --checkpoint, not to an exported artifact' in err.getvalue()
+
+
 def test_classify_api(lite0_dir):  # noqa: F811
   """The notebook's path: arrays in, named top-k out (the cat photo as a uint8 array)."""
   skimage_data = pytest.importorskip('skimage.data')

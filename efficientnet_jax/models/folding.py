@@ -95,32 +95,45 @@ def _mbconv(x, p, stride: int, act, skip: str):
   return mbconv(x, ops, stride=stride, act=act, skip=skip)
 
 
-def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, jax.Array],
-                                                                      jax.Array]]]:
-  """The network as a list of (name, stride, fn(folded, x) -> x): stem, each block, head.
+Step = tuple[str, int, Callable[[dict, jax.Array], jax.Array]]
 
-  `stride` is the step's spatial downsampling, so callers can tell each step's resolution.
+
+def steps_of(model: EfficientNet, stem: Callable, block: Callable, head: Callable) -> list[Step]:
+  """(name, stride, fn(folded, x) -> x) for the stem, each block and the head of `model`.
+
+  `block(params, x, args, stride)` runs one block from its own parameters (`folded[name]`) and
+  its stage's `BlockArgs`. `stride` is the step's spatial downsampling, so callers can tell
+  each step's resolution.
   """
-  act = layers.activation_fn(model.activation)
-  steps = [('stem', model.stem_stride,
-            lambda f, x: act(_conv(x, f['stem_conv'], model.stem_stride)))]
+  steps = [('stem', model.stem_stride, stem)]
   for stage, (repeats, args) in enumerate(model.stage_plan()):
     for i in range(repeats):
       name = block_name(stage + 1, i)
       stride = args.stride if i == 0 else 1
-      steps.append((name, stride, lambda f, x, name=name, s=stride, skip=args.skip:
-                    _mbconv(x, f[name], s, act, skip)))
-
-  def head(f, x):
-    x = jnp.mean(act(_conv(x, f['top_conv'])), axis=(1, 2))
-    return x @ f['predictions']['kernel'] + f['predictions']['bias']
+      steps.append((name, stride, lambda f, x, name=name, s=stride, a=args:
+                    block(f[name], x, a, s)))
   steps.append(('head', 1, head))
   return steps
 
 
-def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
-  """Inference logits of `model` from `fold_batch_norm`'s parameters (train=False semantics)."""
+def run_steps(steps: list[Step], folded: dict, images: jax.Array) -> jax.Array:
   x = images
-  for _, _, step in folded_steps(model):
+  for _, _, step in steps:
     x = step(folded, x)
   return x
+
+
+def folded_steps(model: EfficientNet) -> list[Step]:
+  """The network as a list of (name, stride, fn(folded, x) -> x): stem, each block, head."""
+  act = layers.activation_fn(model.activation)
+
+  def head(f, x):
+    x = jnp.mean(act(_conv(x, f['top_conv'])), axis=(1, 2))
+    return x @ f['predictions']['kernel'] + f['predictions']['bias']
+  return steps_of(model, lambda f, x: act(_conv(x, f['stem_conv'], model.stem_stride)),
+                  lambda p, x, args, stride: _mbconv(x, p, stride, act, args.skip), head)
+
+
+def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
+  """Inference logits of `model` from `fold_batch_norm`'s parameters (train=False semantics)."""
+  return run_steps(folded_steps(model), folded, images)

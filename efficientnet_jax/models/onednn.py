@@ -43,7 +43,6 @@ import numpy as np
 
 from efficientnet_jax.models import folding, layers
 from efficientnet_jax.models.efficientnet import EfficientNet, has_residual
-from efficientnet_jax.models.naming import block_name
 
 logger = logging.getLogger(__name__)
 
@@ -249,35 +248,25 @@ def _block(p: dict, x: jax.Array, kernel_size: int, stride: int, skip: str, acti
   return y.reshape(n, h, w, out)
 
 
-def folded_steps(model: EfficientNet) -> list[tuple[str, int, Callable[[dict, jax.Array],
-                                                                      jax.Array]]]:
+def folded_steps(model: EfficientNet) -> list[folding.Step]:
   """The network as (name, stride, fn(folded, x) -> x) steps on `fold`'s parameters, like
   `folding.folded_steps`; the first casts the images to bfloat16, the last returns float32
   logits."""
   activation = model.activation
   act = layers.activation_fn(activation)
-  stem = model.stem_stride
-  steps = [('stem', stem, lambda f, x: conv(x.astype(jnp.bfloat16), f['stem_conv']['kernel'],
-                                            f['stem_conv']['bias'], stem,
-                                            activation=activation))]
-  for stage, (repeats, args) in enumerate(model.stage_plan()):
-    for i in range(repeats):
-      name = block_name(stage + 1, i)
-      stride = args.stride if i == 0 else 1
-      steps.append((name, stride, lambda f, x, name=name, s=stride, a=args: _block(
-          f[name], x, a.kernel_size, s, a.skip, activation, act)))
+
+  def stem(f, x):
+    return conv(x.astype(jnp.bfloat16), f['stem_conv']['kernel'], f['stem_conv']['bias'],
+                model.stem_stride, activation=activation)
 
   def head(f, x):
     x = pointwise(x, f['top_conv']['kernel'], f['top_conv']['bias'], activation=activation)
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return x @ f['predictions']['kernel'] + f['predictions']['bias']
-  steps.append(('head', 1, head))
-  return steps
+  return folding.steps_of(model, stem, lambda p, x, args, stride: _block(
+      p, x, args.kernel_size, stride, args.skip, activation, act), head)
 
 
 def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
   """Logits of `model` from `fold`'s parameters, every conv on oneDNN (needs `load()`)."""
-  x = images
-  for _, _, step in folded_steps(model):
-    x = step(folded, x)
-  return x
+  return folding.run_steps(folded_steps(model), folded, images)
