@@ -9,8 +9,11 @@ inference every example is independent, so chunking changes no result.
 
 Where JAX has one CPU device per core (`xla_cpu.use_one_device_per_core()`, which the `predict`
 CLI calls), a CPU batch is split across them: each core runs its share as a stream of its own
-(`shard_map`), which beats one stream whose every op is split across the cores. What was
-measured, and what was rejected, is in docs/performance.md.
+(`shard_map`), which beats one stream whose every op is split across the cores.
+
+A bfloat16 EfficientNet on a CPU with AMX or AVX512_BF16 runs its convolutions on oneDNN
+(`onednn.py`, the optional `onednn` extra), folded the same way, as one stream that oneDNN
+threads itself. What was measured, and what was rejected, is in docs/performance.md.
 """
 from __future__ import annotations
 
