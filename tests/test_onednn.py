@@ -10,6 +10,8 @@ AVX512_BF16. The fallback and Lite0 tests run everywhere.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ import pytest
 from efficientnet_jax import pretrained, predict
 from efficientnet_jax.models import create_model, inference, layers, make_inference_fn, onednn
 from pretrained_fixtures import lite0_dir  # noqa: F401  (a pytest fixture)
+from support import subprocess_env
 from test_export import photos
 
 # bfloat16 keeps 8 bits of mantissa: one rounding is up to 2**-9 of a value, and a product sums
@@ -203,3 +206,18 @@ def test_real_lite0_bfloat16_keeps_float32_top1(lite0_dir, tmp_path):  # noqa: F
   assert 281 <= want[0].argmax() <= 285 and want[1].argmax() == 967  # a cat, an espresso
   np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
   assert error <= BF16_LOGIT_TOLERANCE
+
+
+def test_command_builds_and_says_where_bfloat16_runs(tmp_path):
+  """`python -m efficientnet_jax.models.onednn`: exit 0 naming oneDNN where it loads, else 1
+  saying why (here: forced off)."""
+  command = [sys.executable, '-m', 'efficientnet_jax.models.onednn']
+  off = subprocess.run(command, env={**subprocess_env(), 'EFFICIENTNET_JAX_ONEDNN': '0'},
+                       capture_output=True, text=True, timeout=300)
+  assert off.returncode == 1, off.stderr
+  assert 'runs on XLA: the oneDNN extension is not available (EFFICIENTNET_JAX_ONEDNN=0)' in (
+      off.stdout)
+  _need_extension()
+  on = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert on.returncode == 0, on.stdout + on.stderr
+  assert on.stdout.startswith('oneDNN 3.') and 'extension loaded from' in on.stdout

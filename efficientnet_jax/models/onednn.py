@@ -21,6 +21,9 @@ OpenMP build and headers), and the first use compiles `onednn_ffi.cc` with the C
 `~/.cache/efficientnet_jax`). Where any of that is missing, or `EFFICIENTNET_JAX_ONEDNN=0`,
 `load()` logs one line saying why and returns None, and bfloat16 runs on XLA's path. What was
 measured is in docs/performance.md.
+
+    python -m efficientnet_jax.models.onednn   # builds it now (e.g. in an image) and says
+                                               # whether bfloat16 inference will use it
 """
 from __future__ import annotations
 
@@ -270,3 +273,21 @@ def folded_steps(model: EfficientNet) -> list[folding.Step]:
 def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
   """Logits of `model` from `fold`'s parameters, every conv on oneDNN (needs `load()`)."""
   return folding.run_steps(folded_steps(model), folded, images)
+
+
+def main() -> int:
+  """Builds and loads the extension now; prints where bfloat16 CPU inference will run."""
+  lib = load()
+  if lib is None:
+    print(f"bfloat16 CPU inference runs on XLA: the oneDNN extension is not available "
+          f"({_state['reason']})")
+    return 1
+  where = ('on oneDNN' if host_has_bf16_units() else
+           'on XLA: this CPU has neither AMX nor AVX512_BF16, where oneDNN would not be faster')
+  print(f'oneDNN {lib.EjOnednnVersion().decode()} extension loaded from {lib._name}; bfloat16 '
+        f'CPU inference of an EfficientNet runs {where}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
