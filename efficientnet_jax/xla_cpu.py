@@ -14,7 +14,8 @@ import os
 
 import jax
 
-__all__ = ['RUN_ONCE_OPTIONS', 'SHORT_RUN_OPTIONS', 'WIDE_VECTOR_OPTIONS', 'host_has_avx512',
+__all__ = ['RUN_ONCE_OPTIONS', 'SHORT_RUN_OPTIONS', 'WIDE_VECTOR_OPTIONS', 'cpu_flags',
+           'host_has_avx512', 'host_has_bf16_units',
            'run_once_options', 'short_run_options', 'usable_cores', 'use_one_device_per_core',
            'wide_vector_options']
 
@@ -35,16 +36,26 @@ WIDE_VECTOR_OPTIONS = {'xla_cpu_prefer_vector_width': 512}
 
 
 @functools.cache
-def host_has_avx512() -> bool:
-  """Whether this (Linux) host's CPU reports AVX-512F; False where that cannot be read."""
+def cpu_flags() -> frozenset[str]:
+  """The CPU's feature flags as this (Linux) host reports them; empty where they cannot be read."""
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
       for line in f:
         if line.startswith('flags'):
-          return 'avx512f' in line.split()
+          return frozenset(line.split(':', 1)[-1].split())
   except OSError:
     pass
-  return False
+  return frozenset()
+
+
+def host_has_avx512() -> bool:
+  """Whether this host's CPU reports AVX-512F; False where that cannot be read."""
+  return 'avx512f' in cpu_flags()
+
+
+def host_has_bf16_units() -> bool:
+  """Whether the CPU has AMX or AVX512_BF16, where oneDNN runs bfloat16 natively."""
+  return bool({'amx_bf16', 'avx512_bf16'} & cpu_flags())
 
 
 def _on_cpu() -> bool:

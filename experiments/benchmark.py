@@ -327,10 +327,6 @@ def _cpu_name() -> str:
   return _cpuinfo('model name') or platform.processor() or 'unknown CPU'
 
 
-def _cpu_flags() -> set[str]:
-  return set(_cpuinfo('flags').split())
-
-
 def ratios(columns, table) -> dict:
   """ours / best float32 peer per column, and ours-bf16 / openvino-default."""
   out = {}
@@ -403,8 +399,9 @@ def main(argv=None):
   if 'train' in modes:
     columns.append(('train', args.train_batch_size))
   column_names = [f'{mode} b{batch}' for mode, batch in columns]
+  from efficientnet_jax import xla_cpu  # pylint: disable=import-outside-toplevel
   print(f'{args.model} at {args.resolution} px on {_cpu_name()}, {os.cpu_count()} cores; '
-        f'bf16 units: {bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})}; tcmalloc preloaded '
+        f'bf16 units: {xla_cpu.host_has_bf16_units()}; tcmalloc preloaded '
         f'for: {args.tcmalloc}', flush=True)
   if 'ours-bf16' in peers:
     print(f'ours-bf16 runs on: {_bf16_path()}', flush=True)

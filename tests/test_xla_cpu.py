@@ -42,6 +42,8 @@ def test_avx512_read_from_cpuinfo():
   except OSError:
     flags = []
   assert xla_cpu.host_has_avx512() == ('avx512f' in flags)
+  assert xla_cpu.cpu_flags() == frozenset(flags[2:])  # after 'flags' and ':'
+  assert xla_cpu.host_has_bf16_units() == bool({'amx_bf16', 'avx512_bf16'} & set(flags))
 
 
 def test_train_step_program_grows_linearly_with_the_state():

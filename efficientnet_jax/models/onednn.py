@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from efficientnet_jax import xla_cpu
 from efficientnet_jax.models import folding, layers
 from efficientnet_jax.models.efficientnet import EfficientNet, has_residual
 
@@ -148,12 +149,7 @@ def load() -> ctypes.CDLL | None:
 
 def host_has_bf16_units() -> bool:
   """Whether the CPU has AMX or AVX512_BF16 (where oneDNN runs bfloat16 natively)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
-  except OSError:
-    return False
-  return bool({'amx_bf16', 'avx512_bf16'} & set(flags))
+  return xla_cpu.host_has_bf16_units()
 
 
 def supports(model) -> bool:
