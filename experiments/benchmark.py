@@ -293,17 +293,6 @@ def _run_worker(args, peer, mode, batch_size, path) -> list[float] | None:
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _bf16_path() -> str:
-  """Where ours-bf16 runs: oneDNN (the extension built and loaded here) or XLA, and why."""
-  from efficientnet_jax.models import onednn  # pylint: disable=import-outside-toplevel
-  if not onednn.host_has_bf16_units():
-    return 'XLA (this CPU has neither AMX nor AVX512_BF16)'
-  lib = onednn.load()
-  if lib is None:
-    return f"XLA (the oneDNN extension is not available: {onednn._state['reason']})"
-  return f'oneDNN {lib.EjOnednnVersion().decode()} through XLA FFI'
-
-
 def summarise(times: list[float], batch_size: int) -> dict:
   """Images/s from the median step time (robust to one slow step)."""
   ordered = sorted(times)
@@ -404,7 +393,8 @@ def main(argv=None):
         f'bf16 units: {xla_cpu.host_has_bf16_units()}; tcmalloc preloaded '
         f'for: {args.tcmalloc}', flush=True)
   if 'ours-bf16' in peers:
-    print(f'ours-bf16 runs on: {_bf16_path()}', flush=True)
+    from efficientnet_jax.models import onednn  # pylint: disable=import-outside-toplevel
+    print(f'ours-bf16 runs on: {onednn.bfloat16_path()}', flush=True)
   paths = prepare(args, peers)
 
   table: dict[str, dict[str, float]] = {}

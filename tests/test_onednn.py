@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from efficientnet_jax import pretrained, predict
+from efficientnet_jax import pretrained, predict, xla_cpu
 from efficientnet_jax.models import create_model, inference, layers, make_inference_fn, onednn
 from pretrained_fixtures import lite0_dir  # noqa: F401  (a pytest fixture)
 from support import subprocess_env
@@ -40,7 +40,7 @@ def _need_extension():
 
 def _need(dtype):
   _need_extension()
-  if dtype == jnp.bfloat16 and not onednn.host_has_bf16_units():
+  if dtype == jnp.bfloat16 and not xla_cpu.host_has_bf16_units():
     pytest.skip('bfloat16 on oneDNN needs a CPU with AMX or AVX512_BF16')
 
 
@@ -148,7 +148,7 @@ def test_without_the_extension_bfloat16_falls_back_with_one_log_line(monkeypatch
     raise onednn.OnednnUnavailable("oneDNN's headers and library were not found")
   monkeypatch.setattr(onednn, '_state', {})
   monkeypatch.setattr(onednn, '_onednn_prefix', absent)
-  monkeypatch.setattr(onednn, 'host_has_bf16_units', lambda: True)
+  monkeypatch.setattr(xla_cpu, 'host_has_bf16_units', lambda: True)
   half = _tiny_b0(jnp.bfloat16)
   images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 64, 64, 3)), jnp.float32)
   variables = jax.jit(half.init)(jax.random.key(0), images[:1])

@@ -62,7 +62,7 @@ def can_fold(model: nn.Module) -> bool:
 def uses_onednn(model: nn.Module) -> bool:
   """Whether inference runs `model` on oneDNN (`onednn.py`): a bfloat16 EfficientNet on a CPU
   with AMX or AVX512_BF16 where the optional extension loads (else it logs once why not)."""
-  return (onednn.supports(model) and onednn.host_has_bf16_units()
+  return (onednn.supports(model) and xla_cpu.host_has_bf16_units()
           and onednn.load() is not None)
 
 

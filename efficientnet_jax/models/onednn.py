@@ -147,9 +147,14 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
-def host_has_bf16_units() -> bool:
-  """Whether the CPU has AMX or AVX512_BF16 (where oneDNN runs bfloat16 natively)."""
-  return xla_cpu.host_has_bf16_units()
+def bfloat16_path() -> str:
+  """Where a bfloat16 EfficientNet's CPU inference runs here, and why (builds the extension)."""
+  lib = load()
+  if lib is None:
+    return f"XLA: the oneDNN extension is not available ({_state['reason']})"
+  if not xla_cpu.host_has_bf16_units():
+    return 'XLA: this CPU has neither AMX nor AVX512_BF16, where oneDNN would not be faster'
+  return f'oneDNN {lib.EjOnednnVersion().decode()} through XLA FFI'
 
 
 def supports(model) -> bool:
@@ -220,7 +225,7 @@ def fold(model: EfficientNet, variables: Any) -> dict:
   return out
 
 
-def _block(p: dict, x: jax.Array, kernel_size: int, stride: int, skip: str, activation: str,
+def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str,
            act: Callable) -> jax.Array:
   inputs, y = x, x
   if 'expand_conv' in p:
@@ -231,20 +236,19 @@ def _block(p: dict, x: jax.Array, kernel_size: int, stride: int, skip: str, acti
   project = p['project_conv']['kernel'].reshape(e, -1)
   out = project.shape[-1]
   residual = inputs if skip == 'identity' and has_residual(stride, inputs.shape[-1], out) else None
-  if 'se_reduce' not in p:
-    return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
-  pooled = jnp.mean(y, axis=(1, 2), dtype=jnp.float32)
-  se = lambda v, q: v @ q['kernel'].reshape(q['kernel'].shape[-2:]) + q['bias']
-  gate = jax.nn.sigmoid(se(act(se(pooled, p['se_reduce'])), p['se_expand']))  # (n, e)
-  if h * w < out:  # small maps: scale the activations
-    y = y * gate[:, None, None, :].astype(y.dtype)
-    return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
-  # Large maps: scale each example's kernel rows instead (x * g) @ W = x @ (g[:, None] * W).
-  kernels = (gate[:, :, None] * project.astype(jnp.float32)[None]).astype(y.dtype)
-  flat = lambda t: t.reshape(n, h * w, t.shape[-1])
-  y = matmul(flat(y), kernels, p['project_conv']['bias'],
-             None if residual is None else flat(residual))
-  return y.reshape(n, h, w, out)
+  if 'se_reduce' in p:
+    pooled = jnp.mean(y, axis=(1, 2), dtype=jnp.float32)
+    se = lambda v, q: v @ q['kernel'].reshape(q['kernel'].shape[-2:]) + q['bias']
+    gate = jax.nn.sigmoid(se(act(se(pooled, p['se_reduce'])), p['se_expand']))  # (n, e)
+    if h * w >= out:
+      # Large maps: scale each example's kernel rows instead, (x * g) @ W = x @ (g[:, None] * W).
+      kernels = (gate[:, :, None] * project.astype(jnp.float32)[None]).astype(y.dtype)
+      flat = lambda t: t.reshape(n, h * w, t.shape[-1])
+      y = matmul(flat(y), kernels, p['project_conv']['bias'],
+                 None if residual is None else flat(residual))
+      return y.reshape(n, h, w, out)
+    y = y * gate[:, None, None, :].astype(y.dtype)  # small maps: scale the activations
+  return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
 
 
 def folded_steps(model: EfficientNet) -> list[folding.Step]:
@@ -263,7 +267,7 @@ def folded_steps(model: EfficientNet) -> list[folding.Step]:
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return x @ f['predictions']['kernel'] + f['predictions']['bias']
   return folding.steps_of(model, stem, lambda p, x, args, stride: _block(
-      p, x, args.kernel_size, stride, args.skip, activation, act), head)
+      p, x, stride, args.skip, activation, act), head)
 
 
 def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
@@ -273,16 +277,12 @@ def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.
 
 def main() -> int:
   """Builds and loads the extension now; prints where bfloat16 CPU inference will run."""
-  lib = load()
-  if lib is None:
-    print(f"bfloat16 CPU inference runs on XLA: the oneDNN extension is not available "
-          f"({_state['reason']})")
-    return 1
-  where = ('on oneDNN' if host_has_bf16_units() else
-           'on XLA: this CPU has neither AMX nor AVX512_BF16, where oneDNN would not be faster')
-  print(f'oneDNN {lib.EjOnednnVersion().decode()} extension loaded from {lib._name}; bfloat16 '
-        f'CPU inference of an EfficientNet runs {where}')
-  return 0
+  path = bfloat16_path()
+  lib = _state['lib']
+  if lib is not None:
+    print(f'oneDNN {lib.EjOnednnVersion().decode()} extension loaded from {lib._name}; ', end='')
+  print(f'bfloat16 CPU inference of an EfficientNet runs on {path}')
+  return 0 if lib is not None else 1
 
 
 if __name__ == '__main__':
