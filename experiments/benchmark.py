@@ -392,9 +392,10 @@ def main(argv=None):
   print(f'{args.model} at {args.resolution} px on {_cpu_name()}, {os.cpu_count()} cores; '
         f'bf16 units: {xla_cpu.host_has_bf16_units()}; tcmalloc preloaded '
         f'for: {args.tcmalloc}', flush=True)
-  if 'ours-bf16' in peers:
-    from efficientnet_jax.models import onednn  # pylint: disable=import-outside-toplevel
-    print(f'ours-bf16 runs on: {onednn.bfloat16_path()}', flush=True)
+  for peer, dtype in (('ours', 'float32'), ('ours-bf16', 'bfloat16')):
+    if peer in peers:
+      from efficientnet_jax.models import onednn  # pylint: disable=import-outside-toplevel
+      print(f'{peer} runs on: {onednn.inference_path(dtype)}', flush=True)
   paths = prepare(args, peers)
 
   table: dict[str, dict[str, float]] = {}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from efficientnet_jax import xla_cpu
-from efficientnet_jax.models import create_model, make_inference_fn
+from efficientnet_jax.models import create_model, make_inference_fn, onednn
 from efficientnet_jax.models.inference import cpu_core_devices, default_chunk_size
 
 
@@ -37,8 +37,15 @@ def test_chunked_equals_whole_batch(model_and_variables, batch, chunk):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def xla_path(monkeypatch):
+  """Streams are the XLA path's: where the oneDNN extension loads, float32 runs on it instead
+  (one stream that oneDNN threads), so these tests turn it off."""
+  monkeypatch.setattr(onednn, '_state', {'lib': None, 'reason': 'off: the XLA path under test'})
+
+
 @pytest.mark.parametrize('batch, cores', [(7, 2), (8, 4), (3, 8), (1, 2)])
-def test_streams_per_core_equal_whole_batch(model_and_variables, batch, cores):
+def test_streams_per_core_equal_whole_batch(model_and_variables, batch, cores, xla_path):
   # The tests' 8 fake CPU devices stand in for cores: a batch of 7 over 2 streams is padded to 8,
   # one of 3 over 8 runs as one stream (fewer images than streams), as does batch 1.
   model, variables = model_and_variables
@@ -56,7 +63,7 @@ def test_streams_per_core_equal_whole_batch(model_and_variables, batch, cores):
   np.testing.assert_allclose(fn(variables, np.asarray(images)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_streams_follow_new_variables(model_and_variables):
+def test_streams_follow_new_variables(model_and_variables, xla_path):
   # The placed copy of the variables is reused only for the very same arrays.
   model, variables = model_and_variables
   images = jax.random.normal(jax.random.key(5), (4, 32, 32, 3))

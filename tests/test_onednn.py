@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from efficientnet_jax import pretrained, predict, xla_cpu
-from efficientnet_jax.models import create_model, inference, layers, make_inference_fn, onednn
+from efficientnet_jax.models import (create_model, folding, inference, layers, make_inference_fn,
+                                     onednn)
 from pretrained_fixtures import lite0_dir  # noqa: F401  (a pytest fixture)
 from support import subprocess_env
 from test_export import photos
@@ -124,21 +125,87 @@ def _tame(variables):
   return jax.tree_util.tree_map_with_path(move, variables)
 
 
-def test_network_on_onednn_equals_float32():
-  """A small B0 (SE folded into kernels on large maps, scaling activations on small ones; stride
-  2 at odd sizes) through `make_inference_fn` in bfloat16: oneDNN, and float32's logits within
-  bfloat16's rounding, batch 1 and 3."""
-  _need(jnp.bfloat16)
-  model, half = _tiny_b0(jnp.float32), _tiny_b0(jnp.bfloat16)
-  assert inference.uses_onednn(half) and not inference.uses_onednn(model)
+def _block_params(rng, cin, e, out, k, squeeze, expand, dtype):
+  """Random folded parameters of one MBConv block (`onednn.fold`'s layout and dtypes)."""
+  conv = lambda *shape: {'kernel': jnp.asarray(rng.standard_normal(shape) / np.sqrt(
+      np.prod(shape[:-1])), jnp.float32), 'bias': jnp.asarray(
+          rng.standard_normal(shape[-1]) * 0.1, jnp.float32)}
+  p = {'dwconv': conv(k, k, 1, e), 'project_conv': conv(1, 1, e, out)}
+  if expand:
+    p['expand_conv'] = conv(1, 1, cin, e)
+  if squeeze:
+    p['se_reduce'], p['se_expand'] = conv(1, 1, e, max(1, cin // 4)), conv(1, 1, max(1, cin // 4), e)
+  for name in ('expand_conv', 'project_conv'):
+    if name in p:  # 1x1 kernels in the activations' dtype, the rest float32
+      p[name]['kernel'] = p[name]['kernel'].astype(dtype)
+  return p
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('strip_bytes', [0, 1], ids=['strips', 'row-by-row'])
+@pytest.mark.parametrize('kernel_size,stride,size,batch,cin,e,out,squeeze,expand,activation', [
+    (3, 1, 9, 1, 16, 48, 16, True, True, 'swish'),     # residual; one image: rows split
+    (3, 2, 10, 3, 16, 48, 24, True, True, 'swish'),    # three images: one per thread
+    (5, 1, 10, 3, 24, 24, 24, True, False, 'swish'),   # unexpanded, 24 channels (a tail of 8)
+    (5, 2, 9, 1, 8, 40, 16, False, True, 'relu6'),     # no SE, 40 channels, odd size
+    (5, 1, 7, 2, 40, 240, 40, True, True, 'swish'),    # a small map under a 5x5 kernel
+])
+def test_mbconv_equals_xla(dtype, strip_bytes, kernel_size, stride, size, batch, cin, e, out,
+                           squeeze, expand, activation):
+  """One fused MBConv call (expand, depthwise, SE, project, residual) equals the folded block on
+  XLA (`folding._mbconv`) on the same rounded inputs: kernels 3 and 5, strides 1 and 2, odd and
+  even sizes, batch 1 and more, with and without expand, SE and residual; in strips of the
+  default budget and one output row at a time."""
+  _need(dtype)
+  rng = np.random.default_rng(kernel_size * 1000 + stride * 100 + size * 10 + batch)
+  p = _block_params(rng, cin, e, out, kernel_size, squeeze, expand, dtype)
+  x = jnp.asarray(rng.standard_normal((batch, size, size, cin)), dtype)
+  residual = stride == 1 and cin == out
+  got = jax.jit(lambda x, p: onednn.mbconv(x, p, stride, activation, residual,
+                                           strip_bytes))(x, p)
+  f32 = jax.tree.map(lambda v: v.astype(jnp.float32), p)
+  with jax.default_matmul_precision('highest'):
+    want = jax.jit(lambda x, p: folding._mbconv(
+        x, p, stride, layers.activation_fn(activation), 'identity'))(x.astype(jnp.float32), f32)
+  assert got.shape == want.shape and got.dtype == dtype
+  assert _relative(got, want) <= _tolerance(dtype) * (10 if dtype == jnp.float32 else 1)
+
+
+def test_mbconv_follows_new_kernel_values():
+  """Kernels reordered for oneDNN are kept between calls; new values (in new buffers, or in a
+  buffer an earlier kernel used) must never meet an old reordering."""
+  _need(jnp.float32)
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+  fn = jax.jit(lambda x, p: onednn.mbconv(x, p, 1, 'swish', True))
+  ref = jax.jit(lambda x, p: folding._mbconv(x, p, 1, jax.nn.swish, 'identity'))
+  for _ in range(4):
+    p = _block_params(rng, 16, 64, 16, 3, True, True, jnp.float32)
+    with jax.default_matmul_precision('highest'):
+      want = ref(x, p)
+    assert _relative(fn(x, p), want) <= 1e-4
+    del p
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_network_on_onednn_equals_float32(dtype):
+  """A small B0 (stride 2 at odd sizes, SE everywhere) through `make_inference_fn` on oneDNN:
+  float32's logits, to float32's rounding in float32 and within bfloat16's in bfloat16, batch 1
+  and 3."""
+  _need(dtype)
+  model, run = _tiny_b0(jnp.float32), _tiny_b0(dtype)
+  assert inference.uses_onednn(run)
+  assert not inference.uses_onednn(run.clone(conv_impl='xla')) or dtype == jnp.bfloat16
   images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 72, 72, 3)), jnp.float32)
   variables = _tame(jax.jit(model.init)(jax.random.key(0), images[:1]))
-  want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-  fn = make_inference_fn(half)
+  with jax.default_matmul_precision('highest'):
+    want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  fn = make_inference_fn(run)
   for batch in (1, 3):
     got = fn(variables, images[:batch])
     assert got.shape == (batch, 1000) and got.dtype == jnp.float32
-    assert _relative(got, want[:batch]) <= BF16_LOGIT_TOLERANCE
+    tolerance = BF16_LOGIT_TOLERANCE if dtype == jnp.bfloat16 else 1e-4
+    assert _relative(got, want[:batch]) <= tolerance
 
 
 def test_without_the_extension_bfloat16_falls_back_with_one_log_line(monkeypatch, caplog):

@@ -61,9 +61,14 @@ def can_fold(model: nn.Module) -> bool:
 
 def uses_onednn(model: nn.Module) -> bool:
   """Whether inference runs `model` on oneDNN (`onednn.py`): a bfloat16 EfficientNet on a CPU
-  with AMX or AVX512_BF16 where the optional extension loads (else it logs once why not)."""
-  return (onednn.supports(model) and xla_cpu.host_has_bf16_units()
-          and onednn.load() is not None)
+  with AMX or AVX512_BF16, or a float32 one with CPU convs on a CPU with AVX-512, where the
+  optional extension loads (else it logs once why not)."""
+  if not onednn.supports(model) or onednn.unsuited_cpu(model.dtype):
+    return False
+  if (jnp.dtype(model.dtype) == jnp.float32
+      and layers.resolve_conv_impl(model.conv_impl) != 'cpu'):
+    return False
+  return onednn.load() is not None
 
 
 def stage_chunk(side: int, per_core: bool = False, table=None) -> int:
@@ -165,6 +170,7 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
   steps = None
   if fold_bn is True or auto_fold:
     steps = onednn.folded_steps(model) if dnnl else folding.folded_steps(model)
+  dnnl = dnnl and steps is not None  # unfolded (a chunk size given), XLA runs it
   table = ONEDNN_STAGE_CHUNKS if dnnl else None
   devices = cpu_core_devices(cores)
   if dnnl:  # oneDNN threads each op across the cores itself

@@ -54,7 +54,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_ffi.cc
 # Activation codes of onednn_ffi.cc's handlers.
 ACTIVATIONS = {'none': 0, 'swish': 1, 'relu6': 2, 'relu': 3}
 TARGETS = {'ej_onednn_conv': 'EjOnednnConv', 'ej_onednn_matmul': 'EjOnednnMatmul',
-           'ej_onednn_matmul_add': 'EjOnednnMatmulAdd'}
+           'ej_onednn_matmul_add': 'EjOnednnMatmulAdd', 'ej_onednn_mbconv': 'EjOnednnMbconv'}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -95,7 +95,7 @@ def build() -> str:
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if not compiler:
     raise OnednnUnavailable('no C++ compiler (set $CXX or install g++)')
-  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-isystem',
+  command = [compiler, '-O3', '-march=native', '-fopenmp', '-std=c++17', '-shared', '-fPIC', '-isystem',
              jax.ffi.include_dir(), '-isystem', os.path.join(prefix, 'include'), SOURCE,
              f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
   with open(SOURCE, 'rb') as f:
@@ -136,33 +136,47 @@ def load() -> ctypes.CDLL | None:
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform='cpu')
         lib.EjOnednnVersion.restype = ctypes.c_char_p
-        logger.info('oneDNN %s extension loaded for bfloat16 CPU inference',
+        logger.info('oneDNN %s extension loaded for CPU inference',
                     lib.EjOnednnVersion().decode())
       except (OnednnUnavailable, OSError) as e:
         lib, reason = None, str(e)
     if lib is None:
-      logger.warning('efficientnet_jax: the oneDNN extension is not available, so bfloat16 CPU '
-                     'inference runs on XLA (slower): %s', reason)
+      logger.warning('efficientnet_jax: the oneDNN extension is not available, so EfficientNet '
+                     'CPU inference runs on XLA (slower): %s', reason)
     _state['lib'], _state['reason'] = lib, reason
     return lib
 
 
-def bfloat16_path() -> str:
-  """Where a bfloat16 EfficientNet's CPU inference runs here, and why (builds the extension)."""
+def unsuited_cpu(dtype) -> str | None:
+  """Why this CPU would not run `dtype` (bfloat16 or float32) faster on oneDNN than on XLA, or
+  None where it would."""
+  if jnp.dtype(dtype) == jnp.bfloat16 and not xla_cpu.host_has_bf16_units():
+    return 'this CPU has neither AMX nor AVX512_BF16, where oneDNN would not be faster'
+  if jnp.dtype(dtype) == jnp.float32 and not xla_cpu.host_has_avx512():
+    return 'this CPU has no AVX-512, where this path was not measured against XLA'
+  return None
+
+
+def inference_path(dtype=jnp.bfloat16) -> str:
+  """Where an EfficientNet's CPU inference in `dtype` runs here, and why (builds the
+  extension)."""
   lib = load()
   if lib is None:
     return f"XLA: the oneDNN extension is not available ({_state['reason']})"
-  if not xla_cpu.host_has_bf16_units():
-    return 'XLA: this CPU has neither AMX nor AVX512_BF16, where oneDNN would not be faster'
+  reason = unsuited_cpu(dtype)
+  if reason:
+    return f'XLA: {reason}'
   return f'oneDNN {lib.EjOnednnVersion().decode()} through XLA FFI'
 
 
 def supports(model) -> bool:
-  """Whether `model` can run on this path: a bfloat16 EfficientNet classifier of MBConv blocks
-  with a oneDNN activation, on CPU (the extension itself is `load()`'s question)."""
+  """Whether `model` can run on this path: a bfloat16 or float32 EfficientNet classifier of
+  MBConv blocks with a oneDNN activation, on CPU (the extension and the CPU are `load()`'s and
+  `unsuited_cpu`'s questions)."""
   return (isinstance(model, EfficientNet) and not model.features_only
-          and jnp.dtype(model.dtype) == jnp.bfloat16 and model.activation in ACTIVATIONS
-          and folding.supports_blocks(model.blocks) and jax.default_backend() == 'cpu')
+          and jnp.dtype(model.dtype) in (jnp.bfloat16, jnp.float32)
+          and model.activation in ACTIVATIONS and folding.supports_blocks(model.blocks)
+          and jax.default_backend() == 'cpu')
 
 
 # ----------------------------------------------------------------------------- the operations
@@ -210,22 +224,64 @@ def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual=None,
 
 # ----------------------------------------------------------------------------- the network
 def fold(model: EfficientNet, variables: Any) -> dict:
-  """`folding.fold_batch_norm`'s parameters with the conv kernels in bfloat16 (biases, SE and
-  classifier in float32)."""
+  """`folding.fold_batch_norm`'s parameters with the 1x1 and stem kernels in the model's dtype
+  (bfloat16 or float32); the depthwise kernels, biases, SE and classifier in float32."""
   folded = folding.fold_batch_norm(model, variables)
-  as_bf16 = lambda p: {'kernel': p['kernel'].astype(jnp.bfloat16), 'bias': p['bias']}
+  dtype = jnp.dtype(model.dtype)
+  cast = lambda p: {'kernel': p['kernel'].astype(dtype), 'bias': p['bias']}
   out = {}
   for name, p in folded.items():
     if name in ('stem_conv', 'top_conv'):
-      out[name] = as_bf16(p)
+      out[name] = cast(p)
     elif name == 'predictions':
       out[name] = p
     else:
-      out[name] = {k: (v if k.startswith('se_') else as_bf16(v)) for k, v in p.items()}
+      out[name] = {k: (v if k.startswith('se_') or k == 'dwconv' else cast(v))
+                   for k, v in p.items()}
   return out
 
 
-def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str,
+def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
+           strip_bytes: int = 0) -> jax.Array:
+  """One MBConv block on NHWC `x` (bfloat16 or float32) as one call (`onednn_ffi.cc`): expand,
+  depthwise, squeeze-excite, project and the residual, image by image, with `fold`'s
+  parameters `p` ('expand_conv' and 'se_*' where the block has them). `strip_bytes` overrides
+  the cache budget for a strip of the expanded map (0: the default, 512 KiB)."""
+  n, h, w, _ = x.shape
+  k = p['dwconv']['kernel'].shape[0]
+  project = p['project_conv']['kernel']
+  e, out = project.shape[-2:]
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  none = jnp.zeros((1, 1), jnp.float32)
+  kernel = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))
+  args = [x]
+  if 'expand_conv' in p:
+    args += [p['expand_conv']['kernel'].reshape(-1, e).astype(x.dtype),
+             f32(p['expand_conv']['bias'])]
+  else:
+    args += [none.astype(x.dtype), none[0]]
+  args += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
+  if 'se_reduce' in p:
+    args += [kernel(p['se_reduce']), f32(p['se_reduce']['bias']), kernel(p['se_expand']),
+             f32(p['se_expand']['bias'])]
+  else:
+    args += [none, none[0], none, none[0]]
+  args += [project.reshape(e, out).astype(x.dtype), f32(p['project_conv']['bias'])]
+  oh, ow = -(-h // stride), -(-w // stride)
+  call = jax.ffi.ffi_call('ej_onednn_mbconv', jax.ShapeDtypeStruct((n, oh, ow, out), x.dtype),
+                          vmap_method='sequential')
+  return call(*args, stride=np.int64(stride), activation=np.int64(ACTIVATIONS[activation]),
+              expand='expand_conv' in p, squeeze='se_reduce' in p, residual=residual,
+              strip_bytes=np.int64(strip_bytes))
+
+
+def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str) -> jax.Array:
+  out = p['project_conv']['kernel'].shape[-1]
+  residual = skip == 'identity' and has_residual(stride, x.shape[-1], out)
+  return mbconv(x, p, stride, activation, residual)
+
+
+def _block_unfused(p: dict, x: jax.Array, stride: int, skip: str, activation: str,
            act: Callable) -> jax.Array:
   inputs, y = x, x
   if 'expand_conv' in p:
@@ -251,23 +307,27 @@ def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str,
   return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
 
 
+
 def folded_steps(model: EfficientNet) -> list[folding.Step]:
   """The network as (name, stride, fn(folded, x) -> x) steps on `fold`'s parameters, like
   `folding.folded_steps`; the first casts the images to bfloat16, the last returns float32
   logits."""
   activation = model.activation
-  act = layers.activation_fn(activation)
 
   def stem(f, x):
-    return conv(x.astype(jnp.bfloat16), f['stem_conv']['kernel'], f['stem_conv']['bias'],
+    return conv(x.astype(model.dtype), f['stem_conv']['kernel'], f['stem_conv']['bias'],
                 model.stem_stride, activation=activation)
 
   def head(f, x):
     x = pointwise(x, f['top_conv']['kernel'], f['top_conv']['bias'], activation=activation)
     x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
     return x @ f['predictions']['kernel'] + f['predictions']['bias']
+  if os.environ.get('EJ_FUSED', '1') == '0':
+    act = layers.activation_fn(activation)
+    return folding.steps_of(model, stem, lambda p, x, args, stride: _block_unfused(
+        p, x, stride, args.skip, activation, act), head)
   return folding.steps_of(model, stem, lambda p, x, args, stride: _block(
-      p, x, stride, args.skip, activation, act), head)
+      p, x, stride, args.skip, activation), head)
 
 
 def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:
@@ -276,12 +336,13 @@ def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.
 
 
 def main() -> int:
-  """Builds and loads the extension now; prints where bfloat16 CPU inference will run."""
-  path = bfloat16_path()
+  """Builds and loads the extension now; prints where CPU inference will run per dtype."""
+  paths = {name: inference_path(name) for name in ('float32', 'bfloat16')}
   lib = _state['lib']
   if lib is not None:
-    print(f'oneDNN {lib.EjOnednnVersion().decode()} extension loaded from {lib._name}; ', end='')
-  print(f'bfloat16 CPU inference of an EfficientNet runs on {path}')
+    print(f'oneDNN {lib.EjOnednnVersion().decode()} extension loaded from {lib._name}')
+  for name, path in paths.items():
+    print(f'{name} CPU inference of an EfficientNet runs on {path}')
   return 0 if lib is not None else 1
 
 

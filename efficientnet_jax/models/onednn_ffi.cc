@@ -12,7 +12,17 @@
 // Kernels arrive in XLA's plain layout every call, and are reordered into the primitive's
 // blocked layout in a per-thread buffer (microseconds for EfficientNet's kernels). Scratchpads are
 // per thread, so calls from several XLA threads may run at once.
+#include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdio>
+#include <array>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -61,7 +71,7 @@ bool AppendActivation(dnnl::post_ops* ops, int64_t activation) {
 
 // Per-thread buffers: reordered kernels and scratchpads.
 char* ThreadBuffer(int slot, size_t bytes) {
-  thread_local std::vector<char> buffers[2];
+  thread_local std::vector<char> buffers[6];
   if (buffers[slot].size() < bytes) buffers[slot].resize(bytes);
   return buffers[slot].data();
 }
@@ -249,7 +259,665 @@ ffi::Error MatmulAdd(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Buffer<ffi::F
   return MatmulImpl(x, kernel, bias, &residual, y, activation);
 }
 
+
+// ----------------------------------------------------------------------------- fused MBConv
+// One MBConv block per call, image by image, so that its wide maps stay in the core's cache:
+//   e = act(x @ We + be)                    oneDNN products on strips of rows (when expanded)
+//   d = act(depthwise(e) + bd)              the loops below, strip by strip, summing d for SE
+//   g = sigmoid(act(mean(d) Ws1 + bs1) Ws2 + bs2)           (with squeeze-excite)
+//   y = (d * g) @ Wp + bp [+ x]             one oneDNN product per image
+// The expanded map e never reaches memory whole: a strip of rows (with the rows the next strip's
+// taps share kept, not recomputed) is produced and consumed in cache. With at least as many
+// images as threads, each thread takes whole images (oneDNN runs single-threaded inside an
+// OpenMP region); with fewer, images go one at a time with every thread on each step.
+
+typedef float V16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+typedef uint32_t U16 __attribute__((vector_size(64)));
+typedef uint16_t H16 __attribute__((vector_size(32)));
+
+inline V16 Splat(float v) { return V16{} + v; }
+
+inline V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline V16 Load(const uint16_t* p) {  // bfloat16 -> float32: the high half of the bits
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  U16 u = __builtin_convertvector(h, U16) << 16;
+  V16 v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+inline void Store(uint16_t* p, V16 v) {  // float32 -> bfloat16, round to nearest even
+#ifdef __AVX512BF16__
+  const __m256bh b = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(v));
+  std::memcpy(p, &b, sizeof b);
+#else
+  U16 u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  H16 h = __builtin_convertvector(u, H16);
+  std::memcpy(p, &h, sizeof h);
+#endif
+}
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void FromFloat(float* p, float v) { *p = v; }
+inline void FromFloat(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// exp(x) to float32 precision: 2^n * 2^f with |f| <= 1/2, a degree-6 polynomial for 2^f.
+inline V16 Exp(V16 x) {
+  x = x < Splat(-87.f) ? Splat(-87.f) : x;
+  x = x > Splat(88.f) ? Splat(88.f) : x;
+  V16 t = x * 1.44269504088896341f;
+  V16 r = (t + 12582912.f) - 12582912.f;  // round to nearest
+  V16 f = (t - r) * 0.693147180559945309f;
+  V16 p = Splat(1.f / 720) * f + 1.f / 120;
+  p = p * f + 1.f / 24;
+  p = p * f + 1.f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  I16 bits = (__builtin_convertvector(r, I16) + 127) << 23;
+  V16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// 1 / (1 + exp(-x)). With AVX-512: 2^t as a polynomial on t's fraction scaled by 2^round(t)
+// (vscalef, which saturates to 0 or inf by itself) and a reciprocal estimate (2^-14), refined
+// by a Newton step for float32 outputs; bfloat16 outputs keep 8 bits, so a degree-4 polynomial
+// and the estimate are already below their rounding.
+template <typename T>
+inline V16 Sigmoid(V16 x) {
+#ifdef __AVX512F__
+  constexpr bool precise = sizeof(T) == 4;
+  const __m512 t = _mm512_mul_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(-1.44269504088896341f));
+  const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, r);
+  // 2^f = sum (f ln2)^i / i!, its coefficients with ln2's powers folded in.
+  __m512 p;
+  if (precise) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(1.5403530393381606e-4f), f,
+                        _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  } else {
+    p = _mm512_set1_ps(9.618129107628477e-3f);
+  }
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, r), _mm512_set1_ps(1.f));
+  __m512 inv = _mm512_rcp14_ps(d);
+  if (precise) inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.f)));
+  return reinterpret_cast<V16>(inv);
+#else
+  return 1.f / (Exp(-x) + 1.f);
+#endif
+}
+
+template <typename T = float>
+inline V16 Activate(V16 v, int64_t activation) {
+  switch (activation) {
+    case 1: return v * Sigmoid<T>(v);
+    case 2: v = v < Splat(0.f) ? Splat(0.f) : v; return v > Splat(6.f) ? Splat(6.f) : v;
+    case 3: return v < Splat(0.f) ? Splat(0.f) : v;
+    default: return v;
+  }
+}
+inline float Activate(float v, int64_t activation) {
+  V16 out = Activate(Splat(v), activation);
+  return out[0];
+}
+
+struct DwArgs {
+  int64_t h, w, c, oh, ow, k, stride, pad_top, pad_left, activation;
+  const float* kernel;  // (k, k, c), BatchNorm folded
+  const float* bias;    // (c)
+  // The input rows are held `in_w` pixels wide, input column 0 at column `x0` (zero columns
+  // either side, when the rows were written with their padding).
+  int64_t in_w, x0;
+};
+
+// The same for output columns [ox0, ox1) whose taps all fall inside the row, UR columns at a time:
+// each input pixel of a kernel row is loaded (and widened) once for all the columns it feeds, and
+// the row's K weights stay in registers.
+template <int K, int S, int J, int UR, typename T>
+void DepthwiseInterior(const DwArgs& a, const T* in, int64_t iy0, int64_t oy, int64_t cb,
+                       int64_t ox0, int64_t ox1, T* out_row, V16* sum) {
+  const int64_t c = a.c, iy = oy * a.stride - a.pad_top;
+  const int64_t ky0 = std::max<int64_t>(0, -iy), ky1 = std::min<int64_t>(K, a.h - iy);
+  constexpr int kSpan = (UR - 1) * S + K;  // input columns feeding UR outputs
+  int64_t ox = ox0;
+  for (; ox + UR <= ox1; ox += UR) {
+    V16 acc[UR][J];
+#pragma GCC unroll 8
+    for (int u = 0; u < UR; ++u)
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) acc[u][j] = Load(a.bias + cb + 16 * j);
+    const int64_t ix = ox * S - a.pad_left + a.x0;
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+      const T* row = in + ((iy + ky - iy0) * a.in_w + ix) * c + cb;
+      const float* wrow = a.kernel + ky * K * c + cb;
+      V16 wv[K][J];
+#pragma GCC unroll 8
+      for (int kx = 0; kx < K; ++kx)
+#pragma GCC unroll 4
+        for (int j = 0; j < J; ++j) wv[kx][j] = Load(wrow + kx * c + 16 * j);
+#pragma GCC unroll 32
+      for (int x = 0; x < kSpan; ++x) {
+#pragma GCC unroll 4
+        for (int j = 0; j < J; ++j) {
+          const V16 v = Load(row + x * c + 16 * j);
+#pragma GCC unroll 8
+          for (int kx = 0; kx < K; ++kx) {
+            const int u = (x - kx) / S;
+            if ((x - kx) >= 0 && (x - kx) % S == 0 && u < UR) acc[u][j] += v * wv[kx][j];
+          }
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < UR; ++u)
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) {
+        const V16 v = Activate<T>(acc[u][j], a.activation);
+        sum[j] += v;
+        Store(out_row + (ox + u) * c + cb + 16 * j, v);
+      }
+  }
+  if (ox < ox1) DepthwiseInterior<K, S, J, 1>(a, in, iy0, oy, cb, ox, ox1, out_row, sum);
+}
+
+// Output columns [ox0, ox1) of one output row's channels [cb, cb + 16 * J), any kernel and edge.
+template <int J, typename T>
+void DepthwiseEdge(const DwArgs& a, const T* in, int64_t iy0, int64_t oy, int64_t cb, int64_t ox0,
+                   int64_t ox1, T* out_row, V16* sum) {
+  const int64_t k = a.k, c = a.c, iy = oy * a.stride - a.pad_top;
+  const int64_t ky0 = std::max<int64_t>(0, -iy), ky1 = std::min<int64_t>(k, a.h - iy);
+  for (int64_t ox = ox0; ox < ox1; ++ox) {
+    const int64_t ix = ox * a.stride - a.pad_left + a.x0;
+    const int64_t kx0 = std::max<int64_t>(0, -ix), kx1 = std::min<int64_t>(k, a.in_w - ix);
+    V16 acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = Load(a.bias + cb + 16 * j);
+    for (int64_t ky = ky0; ky < ky1; ++ky) {
+      const T* row = in + ((iy + ky - iy0) * a.in_w + ix) * c + cb;
+      const float* wrow = a.kernel + ky * k * c + cb;
+      for (int64_t kx = kx0; kx < kx1; ++kx)
+        for (int j = 0; j < J; ++j)
+          acc[j] += Load(row + kx * c + 16 * j) * Load(wrow + kx * c + 16 * j);
+    }
+    for (int j = 0; j < J; ++j) {
+      const V16 v = Activate<T>(acc[j], a.activation);
+      sum[j] += v;
+      Store(out_row + ox * c + cb + 16 * j, v);
+    }
+  }
+}
+
+// One output row's channels [cb, cb + 16 * J): the edge columns, then the interior ones.
+template <int J, typename T>
+void DepthwiseBlock(const DwArgs& a, const T* in, int64_t iy0, int64_t oy, int64_t cb, T* out_row,
+                    float* pooled) {
+  V16 sum[J] = {};
+  // Interior columns: ox * stride - off >= 0 and ox * stride - off + k <= in_w.
+  const int64_t off = a.pad_left - a.x0;
+  int64_t lo = off > 0 ? (off + a.stride - 1) / a.stride : 0;
+  int64_t hi = a.in_w - a.k + off >= 0 ? (a.in_w - a.k + off) / a.stride + 1 : 0;
+  lo = std::min(lo, a.ow);
+  hi = std::max(lo, std::min(hi, a.ow));
+  DepthwiseEdge<J>(a, in, iy0, oy, cb, 0, lo, out_row, sum);
+  constexpr int UR = J == 1 ? 8 : 8;
+  if (a.k == 3 && a.stride == 1)
+    DepthwiseInterior<3, 1, J, UR>(a, in, iy0, oy, cb, lo, hi, out_row, sum);
+  else if (a.k == 3 && a.stride == 2)
+    DepthwiseInterior<3, 2, J, UR>(a, in, iy0, oy, cb, lo, hi, out_row, sum);
+  else if (a.k == 5 && a.stride == 1)
+    DepthwiseInterior<5, 1, J, UR>(a, in, iy0, oy, cb, lo, hi, out_row, sum);
+  else if (a.k == 5 && a.stride == 2)
+    DepthwiseInterior<5, 2, J, UR>(a, in, iy0, oy, cb, lo, hi, out_row, sum);
+  else
+    DepthwiseEdge<J>(a, in, iy0, oy, cb, lo, hi, out_row, sum);
+  DepthwiseEdge<J>(a, in, iy0, oy, cb, hi, a.ow, out_row, sum);
+  if (pooled)
+    for (int j = 0; j < J; ++j) Store(pooled + cb + 16 * j, Load(pooled + cb + 16 * j) + sum[j]);
+}
+
+// Output rows [oy0, oy1) of the depthwise conv (TF SAME padding, bias, activation) from input
+// rows [iy0, ...) held in `in` (rows of w * c); adds each channel's sum over them to `pooled`.
+template <typename T>
+void DepthwiseRows(const DwArgs& a, const T* in, int64_t iy0, int64_t oy0, int64_t oy1, T* out,
+                   float* pooled) {
+  const int64_t k = a.k, c = a.c;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    T* out_row = out + oy * a.ow * c;
+    int64_t cb = 0;
+    for (; cb + 32 <= c; cb += 32) DepthwiseBlock<2>(a, in, iy0, oy, cb, out_row, pooled);
+    for (; cb + 16 <= c; cb += 16) DepthwiseBlock<1>(a, in, iy0, oy, cb, out_row, pooled);
+    const int64_t iy = oy * a.stride - a.pad_top;
+    const int64_t ky0 = std::max<int64_t>(0, -iy), ky1 = std::min<int64_t>(k, a.h - iy);
+    for (int64_t ch = cb; ch < c; ++ch) {  // fewer than 16 channels left
+      float sum = 0;
+      for (int64_t ox = 0; ox < a.ow; ++ox) {
+        const int64_t ix = ox * a.stride - a.pad_left + a.x0;
+        const int64_t kx0 = std::max<int64_t>(0, -ix), kx1 = std::min<int64_t>(k, a.in_w - ix);
+        float acc = a.bias[ch];
+        for (int64_t ky = ky0; ky < ky1; ++ky)
+          for (int64_t kx = kx0; kx < kx1; ++kx)
+            acc += ToFloat(in[((iy + ky - iy0) * a.in_w + ix + kx) * c + ch]) *
+                   a.kernel[(ky * k + kx) * c + ch];
+        acc = Activate(acc, a.activation);
+        sum += acc;
+        FromFloat(out_row + ox * c + ch, acc);
+      }
+      if (pooled) pooled[ch] += sum;
+    }
+  }
+}
+
+// to = act(from) over `count` values.
+template <typename T>
+void Activate(const T* from, T* to, int64_t count, int64_t activation) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) Store(to + i, Activate<T>(Load(from + i), activation));
+  for (; i < count; ++i) FromFloat(to + i, Activate(ToFloat(from[i]), activation));
+}
+
+struct ProductPlan {
+  dnnl::matmul primitive;
+  memory::desc src, kernel, bias, dst, residual, scratchpad;
+};
+
+PlanCache<ProductPlan>& product_cache() {
+  static PlanCache<ProductPlan> plans;
+  return plans;
+}
+
+// act(x @ kernel + bias [+ residual]) over `rows` rows of m pixels: x (rows, m, k) dense, y
+// (rows, m, n) with `pitch` elements from one row to the next (zero columns kept around each
+// row of the expanded map), the kernel in whatever blocked layout oneDNN picks.
+std::shared_ptr<ProductPlan> Product(int64_t rows, int64_t m, int64_t k, int64_t n,
+                                     int64_t pitch, memory::data_type type, int64_t activation,
+                                     bool residual) {
+  Key key = {rows, m, k, n, pitch, static_cast<int64_t>(type), activation, residual};
+  return product_cache().Get(key, [&]() {
+    ProductPlan p;
+    p.src = memory::desc({rows, m, k}, type, memory::format_tag::abc);
+    p.dst = memory::desc({rows, m, n}, type, memory::dims{pitch, n, 1});
+    p.bias = memory::desc({1, 1, n}, memory::data_type::f32, memory::format_tag::abc);
+    dnnl::post_ops ops;
+    if (residual) {
+      p.residual = memory::desc({rows, m, n}, type, memory::format_tag::abc);
+      ops.append_binary(algorithm::binary_add, p.residual);
+    }
+    AppendActivation(&ops, activation);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(ops);
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::primitive_desc pd(Engine(), p.src,
+                                    memory::desc({1, k, n}, type, memory::format_tag::any),
+                                    p.bias, p.dst, attr);
+    p.kernel = pd.weights_desc();
+    p.scratchpad = pd.scratchpad_desc();
+    p.primitive = dnnl::matmul(pd);
+    if (std::getenv("EJ_DEBUG")) std::fprintf(stderr, "product %ld x %ld x %ld x %ld pitch %ld: %s\n", (long)rows, (long)m, (long)k, (long)n, (long)pitch, pd.impl_info_str());
+    return p;
+  });
+}
+
+// Kernels reordered into oneDNN's blocked layouts, kept across calls: an inference program passes
+// the same parameter buffers every call. Each entry keeps a copy of the plain kernel it was made
+// from and is used only while the buffer still holds exactly those values.
+class PackedKernels {
+ public:
+  memory Get(const memory& plain, const memory::desc& layout) {
+    const void* data = plain.get_data_handle();
+    const size_t bytes = plain.get_desc().get_size();
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Entry& entry : entries_) {
+      if (entry.data == data && entry.packed.get_desc() == layout &&
+          entry.plain.size() == bytes && std::memcmp(entry.plain.data(), data, bytes) == 0)
+        return entry.packed;
+    }
+    if (entries_.size() >= 1024) entries_.clear();  // a bound, for programs that never repeat
+    Entry entry{data, std::vector<char>(static_cast<const char*>(data),
+                                        static_cast<const char*>(data) + bytes),
+                memory(layout, Engine())};
+    dnnl::stream stream(Engine());
+    dnnl::reorder(plain, entry.packed).execute(stream, const_cast<memory&>(plain), entry.packed);
+    stream.wait();
+    entries_.push_back(entry);
+    return entry.packed;
+  }
+
+ private:
+  struct Entry {
+    const void* data;
+    std::vector<char> plain;
+    memory packed;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
+
+PackedKernels& packed_kernels() {
+  static PackedKernels kernels;
+  return kernels;
+}
+
+// A plain (k, n) kernel of one call, in each blocked layout its products ask for.
+class Kernels {
+ public:
+  Kernels(const void* plain, int64_t k, int64_t n, memory::data_type type)
+      : plain_(memory::desc({1, k, n}, type, memory::format_tag::abc), Engine(),
+               const_cast<void*>(plain)) {}
+  memory For(const memory::desc& layout) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& m : packed_)
+      if (m.get_desc() == layout) return m;
+    packed_.push_back(packed_kernels().Get(plain_, layout));
+    return packed_.back();
+  }
+
+ private:
+  std::mutex mu_;
+  memory plain_;
+  std::vector<memory> packed_;
+};
+
+void RunProduct(const ProductPlan& plan, Kernels& kernels, const void* x, const float* bias,
+                const void* residual, void* y) {
+  dnnl::engine& engine = Engine();
+  dnnl::stream& stream = ThreadStream();
+  std::unordered_map<int, memory> args = {
+      {DNNL_ARG_SRC, memory(plan.src, engine, const_cast<void*>(x))},
+      {DNNL_ARG_WEIGHTS, kernels.For(plan.kernel)},
+      {DNNL_ARG_BIAS, memory(plan.bias, engine, const_cast<float*>(bias))},
+      {DNNL_ARG_DST, memory(plan.dst, engine, y)},
+      {DNNL_ARG_SCRATCHPAD,
+       memory(plan.scratchpad, engine, ThreadBuffer(1, plan.scratchpad.get_size()))}};
+  if (residual) {
+    args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
+        memory(plan.residual, engine, const_cast<void*>(residual));
+  }
+  plan.primitive.execute(stream, args);
+  stream.wait();
+}
+
+// The default budget for a strip of expanded rows: with the depthwise output and the kernels,
+// well within a core's L2.
+constexpr int64_t kStripBytes = 512 * 1024;
+
+// One call's block: shapes, parameters and where the maps are.
+template <typename T>
+struct Block {
+  int64_t n, h, w, cin, e, out, ses, oh, ow, k, stride, activation;
+  bool expand, squeeze, residual;
+  memory::data_type type;
+  DwArgs dw;          // over the held rows of the expanded map (or x itself, unexpanded)
+  int64_t strip;      // output rows per strip
+  const T* x;
+  T* y;
+  const float *expand_bias, *se_reduce, *se_reduce_bias, *se_expand, *se_expand_bias,
+      *project_bias;
+  Kernels *expand_kernel, *project_kernel;
+};
+
+// Depthwise output rows [oy_lo, oy_hi) of image i into d (its (oh, ow, e) map), with their
+// channel sums added to `pooled`. Expanded blocks go strip by strip: the input rows a strip needs
+// are expanded into a buffer with the depthwise padding as zero columns around each row (all
+// its columns are then interior), keeping the rows the last strip already expanded.
+template <typename T>
+void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi, T* d,
+                     float* pooled) {
+  const T* xi = b.x + i * b.h * b.w * b.cin;
+  if (!b.expand) {
+    DepthwiseRows(b.dw, xi, 0, oy_lo, oy_hi, d, pooled);
+    return;
+  }
+  const int64_t in_w = b.dw.in_w, x0 = b.dw.x0, pitch = in_w * b.e, s = b.stride;
+  T* held = reinterpret_cast<T*>(
+      ThreadBuffer(2, ((b.strip - 1) * s + b.k) * pitch * sizeof(T)));
+  int64_t held_lo = 0, held_hi = 0;  // the input rows in `held`
+  for (int64_t oy0 = oy_lo; oy0 < oy_hi; oy0 += b.strip) {
+    const int64_t oy1 = std::min(oy_hi, oy0 + b.strip);
+    const int64_t lo = std::max<int64_t>(0, oy0 * s - b.dw.pad_top);
+    const int64_t hi = std::min<int64_t>(b.h, (oy1 - 1) * s - b.dw.pad_top + b.k);
+    const int64_t keep_lo = std::max(lo, held_lo), keep_hi = std::min(hi, held_hi);
+    int64_t first = lo;
+    if (keep_hi > keep_lo) {
+      if (keep_lo != held_lo)
+        std::memmove(held, held + (keep_lo - held_lo) * pitch, (keep_hi - keep_lo) * pitch * sizeof(T));
+      first = keep_hi;
+    }
+    if (hi > first) {
+      // The product into a dense buffer (oneDNN's fast products want dense rows), then each
+      // row activated into place between its zero columns.
+      T* rows = held + (first - lo) * pitch;
+      const int64_t count = hi - first, row = b.w * b.e;
+      T* dense = reinterpret_cast<T*>(ThreadBuffer(5, count * row * sizeof(T)));
+      RunProduct(*Product(1, count * b.w, b.cin, b.e, count * row, b.type, 0, false),
+                 *b.expand_kernel, xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
+      for (int64_t r = 0; r < count; ++r) {
+        T* to = rows + r * pitch;
+        std::memset(to, 0, x0 * b.e * sizeof(T));
+        std::memset(to + x0 * b.e + row, 0, (in_w - x0 - b.w) * b.e * sizeof(T));
+        Activate(dense + r * row, to + x0 * b.e, row, b.activation);
+      }
+    }
+    held_lo = lo;
+    held_hi = hi;
+    DepthwiseRows(b.dw, held, lo, oy0, oy1, d, pooled);
+  }
+}
+
+// gate = sigmoid(act(pooled / (oh * ow) @ Ws1 + bs1) @ Ws2 + bs2), written over `pooled`.
+template <typename T>
+void Gate(const Block<T>& b, float* pooled, float* hidden) {
+  const float inv = 1.f / (b.oh * b.ow);
+  for (int64_t s = 0; s < b.ses; ++s) hidden[s] = b.se_reduce_bias[s];
+  for (int64_t ch = 0; ch < b.e; ++ch) {
+    const float m = pooled[ch] * inv;
+    for (int64_t s = 0; s < b.ses; ++s) hidden[s] += m * b.se_reduce[ch * b.ses + s];
+  }
+  for (int64_t s = 0; s < b.ses; ++s) hidden[s] = Activate(hidden[s], b.activation);
+  for (int64_t ch = 0; ch < b.e; ++ch) pooled[ch] = b.se_expand_bias[ch];
+  for (int64_t s = 0; s < b.ses; ++s)
+    for (int64_t ch = 0; ch < b.e; ++ch) pooled[ch] += hidden[s] * b.se_expand[s * b.e + ch];
+  for (int64_t ch = 0; ch < b.e; ++ch) pooled[ch] = 1.f / (1.f + std::exp(-pooled[ch]));
+}
+
+// Output rows [oy_lo, oy_hi) of image i: d's rows scaled by the gate, projected, plus x's rows.
+template <typename T>
+void Project(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi, T* d, const float* gate) {
+  const int64_t p0 = oy_lo * b.ow, p1 = oy_hi * b.ow, e = b.e;
+  if (gate) {
+    for (int64_t p = p0; p < p1; ++p) {
+      T* row = d + p * e;
+      int64_t ch = 0;
+      for (; ch + 16 <= e; ch += 16) Store(row + ch, Load(row + ch) * Load(gate + ch));
+      for (; ch < e; ++ch) FromFloat(row + ch, ToFloat(row[ch]) * gate[ch]);
+    }
+  }
+  const int64_t image = i * b.oh * b.ow + p0;
+  RunProduct(*Product(1, p1 - p0, e, b.out, (p1 - p0) * b.out, b.type, 0, b.residual),
+             *b.project_kernel, d + p0 * e, b.project_bias,
+             b.residual ? static_cast<const void*>(b.x + image * b.cin) : nullptr,
+             b.y + image * b.out);
+}
+
+// Runs one block over every image; returns oneDNN's error, if any.
+template <typename T>
+std::string RunBlock(const Block<T>& b) {
+  std::string error;
+  const int threads = omp_get_max_threads();
+  const int64_t pool = b.e + b.ses;  // channel sums (then the gate), and SE's hidden layer
+  if (b.n >= threads) {
+    // Whole images per thread: d stays in the core's cache from the depthwise to the product.
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < b.n; ++i) {
+      try {
+        T* d = reinterpret_cast<T*>(ThreadBuffer(3, b.oh * b.ow * b.e * sizeof(T)));
+        float* pooled = reinterpret_cast<float*>(ThreadBuffer(4, pool * sizeof(float)));
+        std::fill(pooled, pooled + pool, 0.f);
+        ExpandDepthwise(b, i, 0, b.oh, d, pooled);
+        if (b.squeeze) Gate(b, pooled, pooled + b.e);
+        Project(b, i, 0, b.oh, d, b.squeeze ? pooled : nullptr);
+      } catch (const dnnl::error& err) {
+#pragma omp critical
+        error = err.what();
+      }
+    }
+  } else {
+    // Fewer images than threads: each image's rows split between threads, which sum their
+    // channels apart, meet, then each gates and projects its own rows.
+    const int64_t parts = std::min<int64_t>(threads / b.n, b.oh), items = b.n * parts;
+    T* maps = reinterpret_cast<T*>(ThreadBuffer(3, b.n * b.oh * b.ow * b.e * sizeof(T)));
+    std::vector<float> sums(items * pool, 0.f);
+#pragma omp parallel num_threads(items)
+    {
+      const int64_t item = omp_get_thread_num(), i = item / parts, part = item % parts;
+      const int64_t lo = b.oh * part / parts, hi = b.oh * (part + 1) / parts;
+      T* d = maps + i * b.oh * b.ow * b.e;
+      try {
+        ExpandDepthwise(b, i, lo, hi, d, &sums[item * pool]);
+      } catch (const dnnl::error& err) {
+#pragma omp critical
+        error = err.what();
+      }
+#pragma omp barrier
+      try {
+        std::vector<float> gate(pool, 0.f);
+        if (b.squeeze) {
+          for (int64_t q = 0; q < parts; ++q)
+            for (int64_t ch = 0; ch < b.e; ++ch) gate[ch] += sums[(i * parts + q) * pool + ch];
+          Gate(b, gate.data(), gate.data() + b.e);
+        }
+        if (error.empty()) Project(b, i, lo, hi, d, b.squeeze ? gate.data() : nullptr);
+      } catch (const dnnl::error& err) {
+#pragma omp critical
+        error = err.what();
+      }
+    }
+  }
+  return error;
+}
+
+template <typename T>
+ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
+                      ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
+                      ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
+                      ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
+                      ffi::Buffer<ffi::F32> se_expand_bias, ffi::AnyBuffer project_kernel,
+                      ffi::Buffer<ffi::F32> project_bias, ffi::Result<ffi::AnyBuffer> y,
+                      int64_t stride, int64_t activation, bool expand, bool squeeze,
+                      bool residual, int64_t strip_bytes, memory::data_type type) {
+  auto xd = x.dimensions(), dd = dw_kernel.dimensions(), pd = project_kernel.dimensions(),
+       yd = y->dimensions();
+  if (xd.size() != 4 || dd.size() != 3 || pd.size() != 2 || yd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "ej_onednn_mbconv: x, y (N, H, W, C), dw kernel (k, k, E), project kernel (E, O)");
+  Block<T> b;
+  b.n = xd[0], b.h = xd[1], b.w = xd[2], b.cin = xd[3], b.k = dd[0], b.e = dd[2];
+  b.out = pd[1], b.oh = yd[1], b.ow = yd[2], b.stride = stride, b.activation = activation;
+  b.expand = expand, b.squeeze = squeeze, b.residual = residual, b.type = type;
+  b.ses = squeeze ? se_reduce.dimensions()[1] : 0;
+  if ((expand ? expand_kernel.dimensions()[1] : b.cin) != b.e || pd[0] != b.e ||
+      yd[3] != b.out || b.oh != (b.h + stride - 1) / stride ||
+      b.ow != (b.w + stride - 1) / stride ||
+      (residual && (stride != 1 || b.out != b.cin)))
+    return ffi::Error::InvalidArgument("ej_onednn_mbconv: inconsistent shapes");
+  const int64_t pad_h = std::max<int64_t>((b.oh - 1) * stride + b.k - b.h, 0);
+  const int64_t pad_w = std::max<int64_t>((b.ow - 1) * stride + b.k - b.w, 0);
+  b.dw = DwArgs{b.h, b.w, b.e, b.oh, b.ow, b.k, stride, pad_h / 2, pad_w / 2, activation,
+                dw_kernel.typed_data(), dw_bias.typed_data(),
+                expand ? b.w + pad_w : b.w, expand ? pad_w / 2 : 0};
+  const int64_t row_bytes = b.dw.in_w * b.e * sizeof(T);
+  const int64_t budget = strip_bytes > 0 ? strip_bytes : kStripBytes;
+  b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - stride)) / stride);
+  b.x = static_cast<const T*>(x.untyped_data());
+  b.y = static_cast<T*>(y->untyped_data());
+  b.expand_bias = expand_bias.typed_data();
+  b.se_reduce = se_reduce.typed_data(), b.se_reduce_bias = se_reduce_bias.typed_data();
+  b.se_expand = se_expand.typed_data(), b.se_expand_bias = se_expand_bias.typed_data();
+  b.project_bias = project_bias.typed_data();
+  std::string error;
+  try {
+    std::unique_ptr<Kernels> expand_kernels;
+    if (expand) expand_kernels.reset(new Kernels(expand_kernel.untyped_data(), b.cin, b.e, type));
+    Kernels project_kernels(project_kernel.untyped_data(), b.e, b.out, type);
+    b.expand_kernel = expand_kernels.get();
+    b.project_kernel = &project_kernels;
+    error = RunBlock(b);
+  } catch (const dnnl::error& err) {
+    error = err.what();
+  }
+  if (!error.empty()) return Failed("mbconv: " + error);
+  return ffi::Error::Success();
+}
+
+ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
+                  ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
+                  ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
+                  ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
+                  ffi::Buffer<ffi::F32> se_expand_bias, ffi::AnyBuffer project_kernel,
+                  ffi::Buffer<ffi::F32> project_bias, ffi::Result<ffi::AnyBuffer> y,
+                  int64_t stride, int64_t activation, bool expand, bool squeeze, bool residual,
+                  int64_t strip_bytes) {
+  memory::data_type type;
+  if (!ToDnnl(x.element_type(), &type) || project_kernel.element_type() != x.element_type() ||
+      (expand && expand_kernel.element_type() != x.element_type()) ||
+      y->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument(
+        "ej_onednn_mbconv: x, the expand and project kernels and y must share bf16 or f32");
+  if (type == memory::data_type::bf16)
+    return MbconvImpl<uint16_t>(x, expand_kernel, expand_bias, dw_kernel, dw_bias, se_reduce,
+                                se_reduce_bias, se_expand, se_expand_bias, project_kernel,
+                                project_bias, y, stride, activation, expand, squeeze, residual,
+                                strip_bytes, type);
+  return MbconvImpl<float>(x, expand_kernel, expand_bias, dw_kernel, dw_bias, se_reduce,
+                           se_reduce_bias, se_expand, se_expand_bias, project_kernel,
+                           project_bias, y, stride, activation, expand, squeeze, residual,
+                           strip_bytes, type);
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<bool>("expand")
+                                  .Attr<bool>("squeeze")
+                                  .Attr<bool>("residual")
+                                  .Attr<int64_t>("strip_bytes"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnConv, ConvImpl,
                               ffi::Ffi::Bind()
