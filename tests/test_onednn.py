@@ -86,21 +86,18 @@ def test_conv_equals_xla(dtype, kernel_size, stride, size, batch, depthwise):
 
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('activation', ['none', 'swish', 'relu6', 'relu'])
-@pytest.mark.parametrize('per_example,residual', [(False, False), (True, True), (False, True)])
-def test_matmul_equals_xla(dtype, activation, per_example, residual):
-  """x @ kernel + bias [+ residual], activated; one kernel for all or one per example."""
+@pytest.mark.parametrize('m,k,n', [(50, 24, 40), (7, 320, 1280), (3, 16, 96)])
+def test_dense_equals_xla(dtype, activation, m, k, n):
+  """act(x @ kernel + bias) with the kernel packed by `pack`, the head's 1x1 conv."""
   _need(dtype)
-  rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.standard_normal((3, 50, 24)), dtype)
-  kernel = jnp.asarray(rng.standard_normal((3 if per_example else 1, 24, 40)) * 0.3, dtype)
-  bias = jnp.asarray(rng.standard_normal(40), jnp.float32)
-  extra = jnp.asarray(rng.standard_normal((3, 50, 40)), dtype) if residual else None
-  got = jax.jit(lambda *a: onednn.matmul(*a, activation=activation))(x, kernel, bias, extra)
-  want = jnp.einsum('bmk,bkn->bmn', x.astype(jnp.float32),
-                    jnp.broadcast_to(kernel.astype(jnp.float32), (3, 24, 40)),
-                    precision=jax.lax.Precision.HIGHEST) + bias
-  if residual:
-    want = want + extra.astype(jnp.float32)
+  rng = np.random.default_rng(m + k + n)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  kernel = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  got = jax.jit(lambda x, w, b: onednn.dense(x, onednn.pack(w), n, b, activation))(
+      x, kernel, bias)
+  want = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST) + bias
   if activation != 'none':
     want = layers.activation_fn(activation)(want)
   assert got.dtype == dtype

@@ -38,7 +38,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_ffi.cc')
 # Activation codes of onednn_ffi.cc's handlers.
 ACTIVATIONS = {'none': 0, 'swish': 1, 'relu6': 2, 'relu': 3}
-TARGETS = {'ej_onednn_conv': 'EjOnednnConv', 'ej_onednn_matmul': 'EjOnednnMatmul',
-           'ej_onednn_matmul_add': 'EjOnednnMatmulAdd', 'ej_onednn_mbconv': 'EjOnednnMbconv'}
+TARGETS = {'ej_onednn_conv': 'EjOnednnConv', 'ej_onednn_mbconv': 'EjOnednnMbconv',
+           'ej_onednn_pack': 'EjOnednnPack', 'ej_onednn_dense': 'EjOnednnDense'}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -136,6 +136,8 @@ def load() -> ctypes.CDLL | None:
           jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                       platform='cpu')
         lib.EjOnednnVersion.restype = ctypes.c_char_p
+        lib.EjOnednnPackedBytes.restype = ctypes.c_int64
+        lib.EjOnednnPackedBytes.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
         logger.info('oneDNN %s extension loaded for CPU inference',
                     lib.EjOnednnVersion().decode())
       except (OnednnUnavailable, OSError) as e:
@@ -199,44 +201,47 @@ def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1,
               activation=np.int64(ACTIVATIONS[activation]))
 
 
-def matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual: jax.Array | None = None,
-           activation: str = 'none') -> jax.Array:
-  """act(x @ kernel + bias [+ residual]) on oneDNN: x (B, M, K), kernel (1 or B, K, N)."""
-  b, m, _ = x.shape
-  out = jax.ShapeDtypeStruct((b, m, kernel.shape[-1]), x.dtype)
-  args = [x, kernel.astype(x.dtype), bias.astype(jnp.float32)]
-  if residual is not None:
-    args.append(residual.astype(x.dtype))
-  target = 'ej_onednn_matmul' if residual is None else 'ej_onednn_matmul_add'
-  return jax.ffi.ffi_call(target, out, vmap_method='sequential')(
-      *args, activation=np.int64(ACTIVATIONS[activation]))
+def pack(kernel: jax.Array) -> jax.Array:
+  """A (k, n) bfloat16 or float32 kernel in oneDNN's blocked layout for products (uint8 bytes):
+  what `dense` and `mbconv` take, packed once when the parameters are folded."""
+  k, n = kernel.shape
+  size = _state['lib'].EjOnednnPackedBytes(k, n, int(kernel.dtype == jnp.bfloat16))
+  if size < 0:
+    raise ValueError(f'oneDNN has no product for a {k}x{n} {kernel.dtype} kernel')
+  return jax.ffi.ffi_call('ej_onednn_pack', jax.ShapeDtypeStruct((size,), jnp.uint8),
+                          vmap_method='sequential')(kernel)
 
 
-def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual=None,
-              activation: str = 'none') -> jax.Array:
-  """A 1x1 conv (kernel (1, 1, C, N)) of NHWC `x` as one product over every pixel."""
-  n, h, w, c = x.shape
-  flat = lambda t: t.reshape(1, n * h * w, t.shape[-1])
-  y = matmul(flat(x), kernel.reshape(1, c, -1), bias,
-             None if residual is None else flat(residual), activation)
-  return y.reshape(n, h, w, -1)
+def dense(x: jax.Array, packed: jax.Array, n: int, bias: jax.Array,
+          activation: str = 'none') -> jax.Array:
+  """act(x @ kernel + bias) on oneDNN: x (m, k), `pack(kernel)` of a (k, n) kernel."""
+  out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype)
+  return jax.ffi.ffi_call('ej_onednn_dense', out, vmap_method='sequential')(
+      x, packed, bias.astype(jnp.float32), activation=np.int64(ACTIVATIONS[activation]))
 
 
 # ----------------------------------------------------------------------------- the network
 def fold(model: EfficientNet, variables: Any) -> dict:
-  """`folding.fold_batch_norm`'s parameters with the 1x1 and stem kernels in the model's dtype
-  (bfloat16 or float32); the depthwise kernels, biases, SE and classifier in float32."""
+  """`folding.fold_batch_norm`'s parameters for this path: the stem kernel in the model's dtype
+  (bfloat16 or float32), every 1x1 kernel also packed for oneDNN ('packed', `pack`), the
+  depthwise kernels, biases, SE and classifier in float32. Needs `load()`."""
   folded = folding.fold_batch_norm(model, variables)
   dtype = jnp.dtype(model.dtype)
-  cast = lambda p: {'kernel': p['kernel'].astype(dtype), 'bias': p['bias']}
+
+  def one_by_one(p):
+    kernel = p['kernel'].astype(dtype)
+    return {'kernel': kernel, 'bias': p['bias'],
+            'packed': pack(kernel.reshape(kernel.shape[-2:]))}
   out = {}
   for name, p in folded.items():
-    if name in ('stem_conv', 'top_conv'):
-      out[name] = cast(p)
+    if name == 'stem_conv':
+      out[name] = {'kernel': p['kernel'].astype(dtype), 'bias': p['bias']}
+    elif name == 'top_conv':
+      out[name] = one_by_one(p)
     elif name == 'predictions':
       out[name] = p
     else:
-      out[name] = {k: (v if k.startswith('se_') or k == 'dwconv' else cast(v))
+      out[name] = {k: (one_by_one(v) if k in ('expand_conv', 'project_conv') else v)
                    for k, v in p.items()}
   return out
 
@@ -245,28 +250,32 @@ def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
            strip_bytes: int = 0) -> jax.Array:
   """One MBConv block on NHWC `x` (bfloat16 or float32) as one call (`onednn_ffi.cc`): expand,
   depthwise, squeeze-excite, project and the residual, image by image, with `fold`'s
-  parameters `p` ('expand_conv' and 'se_*' where the block has them). `strip_bytes` overrides
-  the cache budget for a strip of the expanded map (0: the default, 512 KiB)."""
+  parameters `p` ('expand_conv' and 'se_*' where the block has them; 1x1 kernels not yet
+  'packed' are packed here). `strip_bytes` overrides the cache budget for a strip of the
+  expanded map (0: the default, 512 KiB)."""
   n, h, w, _ = x.shape
   k = p['dwconv']['kernel'].shape[0]
-  project = p['project_conv']['kernel']
-  e, out = project.shape[-2:]
+  e, out = p['project_conv']['kernel'].shape[-2:]
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   none = jnp.zeros((1, 1), jnp.float32)
   kernel = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))
+
+  def packed(q):
+    if 'packed' in q:
+      return q['packed']
+    return pack(q['kernel'].reshape(q['kernel'].shape[-2:]).astype(x.dtype))
   args = [x]
   if 'expand_conv' in p:
-    args += [p['expand_conv']['kernel'].reshape(-1, e).astype(x.dtype),
-             f32(p['expand_conv']['bias'])]
+    args += [packed(p['expand_conv']), f32(p['expand_conv']['bias'])]
   else:
-    args += [none.astype(x.dtype), none[0]]
+    args += [jnp.zeros((1,), jnp.uint8), none[0]]
   args += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
   if 'se_reduce' in p:
     args += [kernel(p['se_reduce']), f32(p['se_reduce']['bias']), kernel(p['se_expand']),
              f32(p['se_expand']['bias'])]
   else:
     args += [none, none[0], none, none[0]]
-  args += [project.reshape(e, out).astype(x.dtype), f32(p['project_conv']['bias'])]
+  args += [packed(p['project_conv']), f32(p['project_conv']['bias'])]
   oh, ow = -(-h // stride), -(-w // stride)
   call = jax.ffi.ffi_call('ej_onednn_mbconv', jax.ShapeDtypeStruct((n, oh, ow, out), x.dtype),
                           vmap_method='sequential')
@@ -281,36 +290,9 @@ def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str) -> ja
   return mbconv(x, p, stride, activation, residual)
 
 
-def _block_unfused(p: dict, x: jax.Array, stride: int, skip: str, activation: str,
-           act: Callable) -> jax.Array:
-  inputs, y = x, x
-  if 'expand_conv' in p:
-    y = pointwise(y, p['expand_conv']['kernel'], p['expand_conv']['bias'], activation=activation)
-  y = conv(y, p['dwconv']['kernel'], p['dwconv']['bias'], stride, groups=y.shape[-1],
-           activation=activation)
-  n, h, w, e = y.shape
-  project = p['project_conv']['kernel'].reshape(e, -1)
-  out = project.shape[-1]
-  residual = inputs if skip == 'identity' and has_residual(stride, inputs.shape[-1], out) else None
-  if 'se_reduce' in p:
-    pooled = jnp.mean(y, axis=(1, 2), dtype=jnp.float32)
-    se = lambda v, q: v @ q['kernel'].reshape(q['kernel'].shape[-2:]) + q['bias']
-    gate = jax.nn.sigmoid(se(act(se(pooled, p['se_reduce'])), p['se_expand']))  # (n, e)
-    if h * w >= out:
-      # Large maps: scale each example's kernel rows instead, (x * g) @ W = x @ (g[:, None] * W).
-      kernels = (gate[:, :, None] * project.astype(jnp.float32)[None]).astype(y.dtype)
-      flat = lambda t: t.reshape(n, h * w, t.shape[-1])
-      y = matmul(flat(y), kernels, p['project_conv']['bias'],
-                 None if residual is None else flat(residual))
-      return y.reshape(n, h, w, out)
-    y = y * gate[:, None, None, :].astype(y.dtype)  # small maps: scale the activations
-  return pointwise(y, project[None, None], p['project_conv']['bias'], residual)
-
-
-
 def folded_steps(model: EfficientNet) -> list[folding.Step]:
   """The network as (name, stride, fn(folded, x) -> x) steps on `fold`'s parameters, like
-  `folding.folded_steps`; the first casts the images to bfloat16, the last returns float32
+  `folding.folded_steps`; the first casts the images to the model's dtype, the last returns float32
   logits."""
   activation = model.activation
 
@@ -319,13 +301,12 @@ def folded_steps(model: EfficientNet) -> list[folding.Step]:
                 model.stem_stride, activation=activation)
 
   def head(f, x):
-    x = pointwise(x, f['top_conv']['kernel'], f['top_conv']['bias'], activation=activation)
-    x = jnp.mean(x, axis=(1, 2), dtype=jnp.float32)
+    n, h, w, c = x.shape
+    top = f['top_conv']
+    x = dense(x.reshape(n * h * w, c), top['packed'], top['kernel'].shape[-1], top['bias'],
+              activation).reshape(n, h * w, -1)
+    x = jnp.mean(x, axis=1, dtype=jnp.float32)
     return x @ f['predictions']['kernel'] + f['predictions']['bias']
-  if os.environ.get('EJ_FUSED', '1') == '0':
-    act = layers.activation_fn(activation)
-    return folding.steps_of(model, stem, lambda p, x, args, stride: _block_unfused(
-        p, x, stride, args.skip, activation, act), head)
   return folding.steps_of(model, stem, lambda p, x, args, stride: _block(
       p, x, stride, args.skip, activation), head)
 

@@ -105,11 +105,6 @@ struct ConvPlan {
   memory::desc src, user_kernel, kernel, bias, dst, scratchpad;
 };
 
-struct MatmulPlan {
-  dnnl::matmul primitive;
-  memory::desc src, kernel, bias, dst, residual, scratchpad;
-};
-
 PlanCache<ConvPlan>& conv_cache() {
   static PlanCache<ConvPlan> plans;
   return plans;
@@ -184,81 +179,6 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Buffer<ffi::F3
   }
   return ffi::Error::Success();
 }
-
-PlanCache<MatmulPlan>& matmul_cache() {
-  static PlanCache<MatmulPlan> plans;
-  return plans;
-}
-
-ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Buffer<ffi::F32> bias,
-                      const ffi::AnyBuffer* residual, ffi::Result<ffi::AnyBuffer> y,
-                      int64_t activation) {
-  memory::data_type type;
-  if (!ToDnnl(x.element_type(), &type) || kernel.element_type() != x.element_type() ||
-      y->element_type() != x.element_type() ||
-      (residual && residual->element_type() != x.element_type())) {
-    return ffi::Error::InvalidArgument(
-        "ej_onednn_matmul: x, kernel, residual and y must share bf16 or f32");
-  }
-  auto xd = x.dimensions(), kd = kernel.dimensions();
-  if (xd.size() != 3 || kd.size() != 3) {
-    return ffi::Error::InvalidArgument("ej_onednn_matmul: x and kernel must be 3-D");
-  }
-  const int64_t b = xd[0], m = xd[1], k = xd[2], bw = kd[0], n = kd[2];
-  Key key = {b, m, k, bw, n, activation, residual != nullptr, static_cast<int64_t>(type)};
-  std::shared_ptr<MatmulPlan> plan;
-  try {
-    plan = matmul_cache().Get(key, [&]() {
-      MatmulPlan p;
-      p.src = memory::desc({b, m, k}, type, memory::format_tag::abc);
-      p.kernel = memory::desc({bw, k, n}, type, memory::format_tag::abc);
-      p.bias = memory::desc({1, 1, n}, memory::data_type::f32, memory::format_tag::abc);
-      p.dst = memory::desc({b, m, n}, type, memory::format_tag::abc);
-      dnnl::post_ops ops;
-      if (residual) {
-        p.residual = p.dst;
-        ops.append_binary(algorithm::binary_add, p.residual);
-      }
-      AppendActivation(&ops, activation);
-      dnnl::primitive_attr attr;
-      attr.set_post_ops(ops);
-      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      dnnl::matmul::primitive_desc pd(Engine(), p.src, p.kernel, p.bias, p.dst, attr);
-      p.scratchpad = pd.scratchpad_desc();
-      p.primitive = dnnl::matmul(pd);
-      return p;
-    });
-    dnnl::engine& engine = Engine();
-    dnnl::stream& stream = ThreadStream();
-    std::unordered_map<int, memory> args = {
-        {DNNL_ARG_SRC, memory(plan->src, engine, x.untyped_data())},
-        {DNNL_ARG_WEIGHTS, memory(plan->kernel, engine, kernel.untyped_data())},
-        {DNNL_ARG_BIAS, memory(plan->bias, engine, bias.typed_data())},
-        {DNNL_ARG_DST, memory(plan->dst, engine, y->untyped_data())},
-        {DNNL_ARG_SCRATCHPAD, memory(plan->scratchpad, engine,
-                                     ThreadBuffer(1, plan->scratchpad.get_size()))}};
-    if (residual) {
-      args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
-          memory(plan->residual, engine, residual->untyped_data());
-    }
-    plan->primitive.execute(stream, args);
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return Failed(std::string("matmul: ") + e.what());
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error Matmul(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Buffer<ffi::F32> bias,
-                  ffi::Result<ffi::AnyBuffer> y, int64_t activation) {
-  return MatmulImpl(x, kernel, bias, nullptr, y, activation);
-}
-
-ffi::Error MatmulAdd(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Buffer<ffi::F32> bias,
-                     ffi::AnyBuffer residual, ffi::Result<ffi::AnyBuffer> y, int64_t activation) {
-  return MatmulImpl(x, kernel, bias, &residual, y, activation);
-}
-
 
 // ----------------------------------------------------------------------------- fused MBConv
 // One MBConv block per call, image by image, so that its wide maps stay in the core's cache:
@@ -538,6 +458,24 @@ void Activate(const T* from, T* to, int64_t count, int64_t activation) {
   for (; i < count; ++i) FromFloat(to + i, Activate(ToFloat(from[i]), activation));
 }
 
+// 1x1 kernels are packed once, when the parameters are folded (`ej_onednn_pack`), into the
+// blocked layout oneDNN's products take for a (k, n) kernel; every product then names that layout
+// (oneDNN picks the same one for every row count, and takes it when named).
+memory::desc PackedLayout(int64_t k, int64_t n, memory::data_type type) {
+  static std::mutex mu;
+  static std::map<Key, memory::desc> layouts;
+  std::lock_guard<std::mutex> lock(mu);
+  Key key = {k, n, static_cast<int64_t>(type)};
+  auto found = layouts.find(key);
+  if (found != layouts.end()) return found->second;
+  dnnl::matmul::primitive_desc pd(
+      Engine(), memory::desc({1, 64, k}, type, memory::format_tag::abc),
+      memory::desc({1, k, n}, type, memory::format_tag::any),
+      memory::desc({1, 1, n}, memory::data_type::f32, memory::format_tag::abc),
+      memory::desc({1, 64, n}, type, memory::format_tag::abc));
+  return layouts.emplace(key, pd.weights_desc()).first->second;
+}
+
 struct ProductPlan {
   dnnl::matmul primitive;
   memory::desc src, kernel, bias, dst, residual, scratchpad;
@@ -548,105 +486,39 @@ PlanCache<ProductPlan>& product_cache() {
   return plans;
 }
 
-// act(x @ kernel + bias [+ residual]) over `rows` rows of m pixels: x (rows, m, k) dense, y
-// (rows, m, n) with `pitch` elements from one row to the next (zero columns kept around each
-// row of the expanded map), the kernel in whatever blocked layout oneDNN picks.
-std::shared_ptr<ProductPlan> Product(int64_t rows, int64_t m, int64_t k, int64_t n,
-                                     int64_t pitch, memory::data_type type, int64_t activation,
-                                     bool residual) {
-  Key key = {rows, m, k, n, pitch, static_cast<int64_t>(type), activation, residual};
+// act(x (m, k) @ kernel + bias [+ residual]) -> y (m, n), all dense, the kernel packed.
+std::shared_ptr<ProductPlan> Product(int64_t m, int64_t k, int64_t n, memory::data_type type,
+                                     int64_t activation, bool residual) {
+  Key key = {m, k, n, static_cast<int64_t>(type), activation, residual};
   return product_cache().Get(key, [&]() {
     ProductPlan p;
-    p.src = memory::desc({rows, m, k}, type, memory::format_tag::abc);
-    p.dst = memory::desc({rows, m, n}, type, memory::dims{pitch, n, 1});
+    p.src = memory::desc({1, m, k}, type, memory::format_tag::abc);
+    p.dst = memory::desc({1, m, n}, type, memory::format_tag::abc);
     p.bias = memory::desc({1, 1, n}, memory::data_type::f32, memory::format_tag::abc);
+    p.kernel = PackedLayout(k, n, type);
     dnnl::post_ops ops;
     if (residual) {
-      p.residual = memory::desc({rows, m, n}, type, memory::format_tag::abc);
+      p.residual = p.dst;
       ops.append_binary(algorithm::binary_add, p.residual);
     }
     AppendActivation(&ops, activation);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::primitive_desc pd(Engine(), p.src,
-                                    memory::desc({1, k, n}, type, memory::format_tag::any),
-                                    p.bias, p.dst, attr);
-    p.kernel = pd.weights_desc();
+    dnnl::matmul::primitive_desc pd(Engine(), p.src, p.kernel, p.bias, p.dst, attr);
     p.scratchpad = pd.scratchpad_desc();
     p.primitive = dnnl::matmul(pd);
-    if (std::getenv("EJ_DEBUG")) std::fprintf(stderr, "product %ld x %ld x %ld x %ld pitch %ld: %s\n", (long)rows, (long)m, (long)k, (long)n, (long)pitch, pd.impl_info_str());
     return p;
   });
 }
 
-// Kernels reordered into oneDNN's blocked layouts, kept across calls: an inference program passes
-// the same parameter buffers every call. Each entry keeps a copy of the plain kernel it was made
-// from and is used only while the buffer still holds exactly those values.
-class PackedKernels {
- public:
-  memory Get(const memory& plain, const memory::desc& layout) {
-    const void* data = plain.get_data_handle();
-    const size_t bytes = plain.get_desc().get_size();
-    std::lock_guard<std::mutex> lock(mu_);
-    for (Entry& entry : entries_) {
-      if (entry.data == data && entry.packed.get_desc() == layout &&
-          entry.plain.size() == bytes && std::memcmp(entry.plain.data(), data, bytes) == 0)
-        return entry.packed;
-    }
-    if (entries_.size() >= 1024) entries_.clear();  // a bound, for programs that never repeat
-    Entry entry{data, std::vector<char>(static_cast<const char*>(data),
-                                        static_cast<const char*>(data) + bytes),
-                memory(layout, Engine())};
-    dnnl::stream stream(Engine());
-    dnnl::reorder(plain, entry.packed).execute(stream, const_cast<memory&>(plain), entry.packed);
-    stream.wait();
-    entries_.push_back(entry);
-    return entry.packed;
-  }
-
- private:
-  struct Entry {
-    const void* data;
-    std::vector<char> plain;
-    memory packed;
-  };
-  std::mutex mu_;
-  std::vector<Entry> entries_;
-};
-
-PackedKernels& packed_kernels() {
-  static PackedKernels kernels;
-  return kernels;
-}
-
-// A plain (k, n) kernel of one call, in each blocked layout its products ask for.
-class Kernels {
- public:
-  Kernels(const void* plain, int64_t k, int64_t n, memory::data_type type)
-      : plain_(memory::desc({1, k, n}, type, memory::format_tag::abc), Engine(),
-               const_cast<void*>(plain)) {}
-  memory For(const memory::desc& layout) {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& m : packed_)
-      if (m.get_desc() == layout) return m;
-    packed_.push_back(packed_kernels().Get(plain_, layout));
-    return packed_.back();
-  }
-
- private:
-  std::mutex mu_;
-  memory plain_;
-  std::vector<memory> packed_;
-};
-
-void RunProduct(const ProductPlan& plan, Kernels& kernels, const void* x, const float* bias,
+void RunProduct(const ProductPlan& plan, const void* packed, const void* x, const float* bias,
                 const void* residual, void* y) {
   dnnl::engine& engine = Engine();
   dnnl::stream& stream = ThreadStream();
   std::unordered_map<int, memory> args = {
       {DNNL_ARG_SRC, memory(plan.src, engine, const_cast<void*>(x))},
-      {DNNL_ARG_WEIGHTS, kernels.For(plan.kernel)},
+      {DNNL_ARG_WEIGHTS, memory(plan.kernel, engine, const_cast<void*>(packed))},
       {DNNL_ARG_BIAS, memory(plan.bias, engine, const_cast<float*>(bias))},
       {DNNL_ARG_DST, memory(plan.dst, engine, y)},
       {DNNL_ARG_SCRATCHPAD,
@@ -657,6 +529,47 @@ void RunProduct(const ProductPlan& plan, Kernels& kernels, const void* x, const 
   }
   plan.primitive.execute(stream, args);
   stream.wait();
+}
+
+// kernel (k, n) -> its packed bytes.
+ffi::Error Pack(ffi::AnyBuffer kernel, ffi::Result<ffi::Buffer<ffi::U8>> packed) {
+  memory::data_type type;
+  auto kd = kernel.dimensions();
+  if (!ToDnnl(kernel.element_type(), &type) || kd.size() != 2)
+    return ffi::Error::InvalidArgument("ej_onednn_pack: a 2-D bf16 or f32 kernel");
+  try {
+    const memory::desc layout = PackedLayout(kd[0], kd[1], type);
+    if (static_cast<size_t>(packed->element_count()) != layout.get_size())
+      return ffi::Error::InvalidArgument("ej_onednn_pack: the packed size differs from oneDNN's");
+    memory plain(memory::desc({1, kd[0], kd[1]}, type, memory::format_tag::abc), Engine(),
+                 kernel.untyped_data());
+    memory blocked(layout, Engine(), packed->typed_data());
+    dnnl::stream& stream = ThreadStream();
+    dnnl::reorder(plain, blocked).execute(stream, plain, blocked);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return Failed(std::string("pack: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// act(x (m, k) @ packed kernel + bias): the head's 1x1 conv.
+ffi::Error Dense(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> bias,
+                 ffi::Result<ffi::AnyBuffer> y, int64_t activation) {
+  memory::data_type type;
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (!ToDnnl(x.element_type(), &type) || y->element_type() != x.element_type() ||
+      xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument("ej_onednn_dense: x (m, k) and y (m, n), bf16 or f32");
+  try {
+    if (static_cast<size_t>(packed.element_count()) != PackedLayout(xd[1], yd[1], type).get_size())
+      return ffi::Error::InvalidArgument("ej_onednn_dense: the kernel is not packed for this shape");
+    RunProduct(*Product(xd[0], xd[1], yd[1], type, activation, false), packed.typed_data(),
+               x.untyped_data(), bias.typed_data(), nullptr, y->untyped_data());
+  } catch (const dnnl::error& e) {
+    return Failed(std::string("dense: ") + e.what());
+  }
+  return ffi::Error::Success();
 }
 
 // The default budget for a strip of expanded rows: with the depthwise output and the kernels,
@@ -675,7 +588,7 @@ struct Block {
   T* y;
   const float *expand_bias, *se_reduce, *se_reduce_bias, *se_expand, *se_expand_bias,
       *project_bias;
-  Kernels *expand_kernel, *project_kernel;
+  const void *expand_kernel, *project_kernel;  // packed
 };
 
 // Depthwise output rows [oy_lo, oy_hi) of image i into d (its (oh, ow, e) map), with their
@@ -711,8 +624,8 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
       T* rows = held + (first - lo) * pitch;
       const int64_t count = hi - first, row = b.w * b.e;
       T* dense = reinterpret_cast<T*>(ThreadBuffer(5, count * row * sizeof(T)));
-      RunProduct(*Product(1, count * b.w, b.cin, b.e, count * row, b.type, 0, false),
-                 *b.expand_kernel, xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
+      RunProduct(*Product(count * b.w, b.cin, b.e, b.type, 0, false), b.expand_kernel,
+                 xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
       for (int64_t r = 0; r < count; ++r) {
         T* to = rows + r * pitch;
         std::memset(to, 0, x0 * b.e * sizeof(T));
@@ -755,8 +668,8 @@ void Project(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi, T* d, c
     }
   }
   const int64_t image = i * b.oh * b.ow + p0;
-  RunProduct(*Product(1, p1 - p0, e, b.out, (p1 - p0) * b.out, b.type, 0, b.residual),
-             *b.project_kernel, d + p0 * e, b.project_bias,
+  RunProduct(*Product(p1 - p0, e, b.out, b.type, 0, b.residual), b.project_kernel,
+             d + p0 * e, b.project_bias,
              b.residual ? static_cast<const void*>(b.x + image * b.cin) : nullptr,
              b.y + image * b.out);
 }
@@ -819,29 +732,38 @@ std::string RunBlock(const Block<T>& b) {
 }
 
 template <typename T>
-ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
+ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
                       ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
                       ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
                       ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
-                      ffi::Buffer<ffi::F32> se_expand_bias, ffi::AnyBuffer project_kernel,
+                      ffi::Buffer<ffi::F32> se_expand_bias, ffi::Buffer<ffi::U8> project_kernel,
                       ffi::Buffer<ffi::F32> project_bias, ffi::Result<ffi::AnyBuffer> y,
                       int64_t stride, int64_t activation, bool expand, bool squeeze,
                       bool residual, int64_t strip_bytes, memory::data_type type) {
-  auto xd = x.dimensions(), dd = dw_kernel.dimensions(), pd = project_kernel.dimensions(),
-       yd = y->dimensions();
-  if (xd.size() != 4 || dd.size() != 3 || pd.size() != 2 || yd.size() != 4)
+  auto xd = x.dimensions(), dd = dw_kernel.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || dd.size() != 3 || yd.size() != 4 || dd[0] != dd[1])
     return ffi::Error::InvalidArgument(
-        "ej_onednn_mbconv: x, y (N, H, W, C), dw kernel (k, k, E), project kernel (E, O)");
+        "ej_onednn_mbconv: x and y (N, H, W, C), the depthwise kernel (k, k, E)");
   Block<T> b;
   b.n = xd[0], b.h = xd[1], b.w = xd[2], b.cin = xd[3], b.k = dd[0], b.e = dd[2];
-  b.out = pd[1], b.oh = yd[1], b.ow = yd[2], b.stride = stride, b.activation = activation;
+  b.out = yd[3], b.oh = yd[1], b.ow = yd[2], b.stride = stride, b.activation = activation;
   b.expand = expand, b.squeeze = squeeze, b.residual = residual, b.type = type;
   b.ses = squeeze ? se_reduce.dimensions()[1] : 0;
-  if ((expand ? expand_kernel.dimensions()[1] : b.cin) != b.e || pd[0] != b.e ||
-      yd[3] != b.out || b.oh != (b.h + stride - 1) / stride ||
-      b.ow != (b.w + stride - 1) / stride ||
-      (residual && (stride != 1 || b.out != b.cin)))
+  if ((!expand && b.cin != b.e) || b.oh != (b.h + stride - 1) / stride ||
+      b.ow != (b.w + stride - 1) / stride || yd[0] != b.n ||
+      (residual && (stride != 1 || b.out != b.cin)) ||
+      (squeeze && (se_reduce.dimensions()[0] != b.e || se_expand.dimensions()[1] != b.e)))
     return ffi::Error::InvalidArgument("ej_onednn_mbconv: inconsistent shapes");
+  try {
+    if ((expand && static_cast<size_t>(expand_kernel.element_count()) !=
+                       PackedLayout(b.cin, b.e, type).get_size()) ||
+        static_cast<size_t>(project_kernel.element_count()) !=
+            PackedLayout(b.e, b.out, type).get_size())
+      return ffi::Error::InvalidArgument(
+          "ej_onednn_mbconv: the 1x1 kernels are not packed (ej_onednn_pack) for these shapes");
+  } catch (const dnnl::error& err) {
+    return Failed(std::string("mbconv: ") + err.what());
+  }
   const int64_t pad_h = std::max<int64_t>((b.oh - 1) * stride + b.k - b.h, 0);
   const int64_t pad_w = std::max<int64_t>((b.ow - 1) * stride + b.k - b.w, 0);
   b.dw = DwArgs{b.h, b.w, b.e, b.oh, b.ow, b.k, stride, pad_h / 2, pad_w / 2, activation,
@@ -852,17 +774,14 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
   b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - stride)) / stride);
   b.x = static_cast<const T*>(x.untyped_data());
   b.y = static_cast<T*>(y->untyped_data());
+  b.expand_kernel = expand_kernel.typed_data();
+  b.project_kernel = project_kernel.typed_data();
   b.expand_bias = expand_bias.typed_data();
   b.se_reduce = se_reduce.typed_data(), b.se_reduce_bias = se_reduce_bias.typed_data();
   b.se_expand = se_expand.typed_data(), b.se_expand_bias = se_expand_bias.typed_data();
   b.project_bias = project_bias.typed_data();
   std::string error;
   try {
-    std::unique_ptr<Kernels> expand_kernels;
-    if (expand) expand_kernels.reset(new Kernels(expand_kernel.untyped_data(), b.cin, b.e, type));
-    Kernels project_kernels(project_kernel.untyped_data(), b.e, b.out, type);
-    b.expand_kernel = expand_kernels.get();
-    b.project_kernel = &project_kernels;
     error = RunBlock(b);
   } catch (const dnnl::error& err) {
     error = err.what();
@@ -871,20 +790,17 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
   return ffi::Error::Success();
 }
 
-ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
+ffi::Error Mbconv(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
                   ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
                   ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
                   ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
-                  ffi::Buffer<ffi::F32> se_expand_bias, ffi::AnyBuffer project_kernel,
+                  ffi::Buffer<ffi::F32> se_expand_bias, ffi::Buffer<ffi::U8> project_kernel,
                   ffi::Buffer<ffi::F32> project_bias, ffi::Result<ffi::AnyBuffer> y,
                   int64_t stride, int64_t activation, bool expand, bool squeeze, bool residual,
                   int64_t strip_bytes) {
   memory::data_type type;
-  if (!ToDnnl(x.element_type(), &type) || project_kernel.element_type() != x.element_type() ||
-      (expand && expand_kernel.element_type() != x.element_type()) ||
-      y->element_type() != x.element_type())
-    return ffi::Error::InvalidArgument(
-        "ej_onednn_mbconv: x, the expand and project kernels and y must share bf16 or f32");
+  if (!ToDnnl(x.element_type(), &type) || y->element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("ej_onednn_mbconv: x and y must share bf16 or f32");
   if (type == memory::data_type::bf16)
     return MbconvImpl<uint16_t>(x, expand_kernel, expand_bias, dw_kernel, dw_bias, se_reduce,
                                 se_reduce_bias, se_expand, se_expand_bias, project_kernel,
@@ -901,7 +817,7 @@ ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -909,7 +825,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride")
@@ -933,22 +849,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnConv, ConvImpl,
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("activation"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMatmul, Matmul,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnPack, Pack,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::U8>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnDense, Dense,
+                              ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("activation"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMatmulAdd, MatmulAdd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("activation"));
+// Bytes of a (k, n) kernel packed for oneDNN's products (bf16 if `bf16`, else f32); -1 if
+// oneDNN cannot make such a product.
+extern "C" int64_t EjOnednnPackedBytes(int64_t k, int64_t n, int32_t bf16) {
+  try {
+    return static_cast<int64_t>(
+        PackedLayout(k, n, bf16 ? memory::data_type::bf16 : memory::data_type::f32).get_size());
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
 
 // The oneDNN version this library runs on, for the log line.
 extern "C" const char* EjOnednnVersion() {
