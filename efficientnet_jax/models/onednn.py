@@ -31,6 +31,7 @@ import ctypes
 import glob
 import hashlib
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -47,6 +48,7 @@ import numpy as np
 from efficientnet_jax import xla_cpu
 from efficientnet_jax.models import folding, layers
 from efficientnet_jax.models.efficientnet import EfficientNet, has_residual
+from efficientnet_jax.models.naming import block_name
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_ffi.cc
 # Activation codes of onednn_ffi.cc's handlers.
 ACTIVATIONS = {'none': 0, 'swish': 1, 'relu6': 2, 'relu': 3}
 TARGETS = {'ej_onednn_conv': 'EjOnednnConv', 'ej_onednn_mbconv': 'EjOnednnMbconv',
-           'ej_onednn_pack': 'EjOnednnPack', 'ej_onednn_dense': 'EjOnednnDense'}
+           'ej_onednn_pack': 'EjOnednnPack', 'ej_onednn_dense': 'EjOnednnDense',
+           'ej_onednn_network': 'EjOnednnNetwork'}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -290,25 +293,54 @@ def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str) -> ja
   return mbconv(x, p, stride, activation, residual)
 
 
+def network(model: EfficientNet, folded: dict, images: jax.Array,
+            strip_bytes: int = 0) -> jax.Array:
+  """The pooled features (N, F) float32 of `model` from `fold`'s parameters: the stem, every
+  block and the head's 1x1 conv with its pooling as one call (`onednn_ffi.cc`), on float32
+  NHWC images, in the model's dtype."""
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  empty = jnp.zeros((0,), jnp.float32)
+  config, params = [], []
+  channels = folded['stem_conv']['kernel'].shape[-1]
+  for stage, (repeats, args) in enumerate(model.stage_plan()):
+    for i in range(repeats):
+      p = folded[block_name(stage + 1, i)]
+      stride = args.stride if i == 0 else 1
+      k = p['dwconv']['kernel'].shape[0]
+      e, out = p['project_conv']['kernel'].shape[-2:]
+      squeeze, expand = 'se_reduce' in p, 'expand_conv' in p
+      residual = args.skip == 'identity' and has_residual(stride, channels, out)
+      ses = p['se_reduce']['kernel'].shape[-1] if squeeze else 0
+      config += [channels, e, out, k, stride, int(expand), int(squeeze), int(residual), ses]
+      params += ([p['expand_conv']['packed'], f32(p['expand_conv']['bias'])] if expand
+                 else [jnp.zeros((0,), jnp.uint8), empty])
+      params += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
+      se = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))
+      params += ([se(p['se_reduce']), f32(p['se_reduce']['bias']), se(p['se_expand']),
+                  f32(p['se_expand']['bias'])] if squeeze else [empty] * 4)
+      params += [p['project_conv']['packed'], f32(p['project_conv']['bias'])]
+      channels = out
+  top = folded['top_conv']
+  call = jax.ffi.ffi_call(
+      'ej_onednn_network',
+      jax.ShapeDtypeStruct((images.shape[0], top['kernel'].shape[-1]), jnp.float32),
+      vmap_method='sequential')
+  return call(f32(images), f32(folded['stem_conv']['kernel']), f32(folded['stem_conv']['bias']),
+              top['packed'], f32(top['bias']), *params, blocks=np.asarray(config, np.int64),
+              stem_stride=np.int64(model.stem_stride),
+              activation=np.int64(ACTIVATIONS[model.activation]),
+              strip_bytes=np.int64(strip_bytes),
+              bf16=jnp.dtype(model.dtype) == jnp.bfloat16)
+
+
 def folded_steps(model: EfficientNet) -> list[folding.Step]:
-  """The network as (name, stride, fn(folded, x) -> x) steps on `fold`'s parameters, like
-  `folding.folded_steps`; the first casts the images to the model's dtype, the last returns float32
-  logits."""
-  activation = model.activation
+  """The network as one step (name, stride, fn(folded, x) -> logits) on `fold`'s parameters, for
+  `make_inference_fn`: `network`'s features, then the classifier in float32."""
+  total = model.stem_stride * math.prod(args.stride for _, args in model.stage_plan())
 
-  def stem(f, x):
-    return conv(x.astype(model.dtype), f['stem_conv']['kernel'], f['stem_conv']['bias'],
-                model.stem_stride, activation=activation)
-
-  def head(f, x):
-    n, h, w, c = x.shape
-    top = f['top_conv']
-    x = dense(x.reshape(n * h * w, c), top['packed'], top['kernel'].shape[-1], top['bias'],
-              activation).reshape(n, h * w, -1)
-    x = jnp.mean(x, axis=1, dtype=jnp.float32)
-    return x @ f['predictions']['kernel'] + f['predictions']['bias']
-  return folding.steps_of(model, stem, lambda p, x, args, stride: _block(
-      p, x, stride, args.skip, activation), head)
+  def forward(f, x):
+    return network(model, f, x) @ f['predictions']['kernel'] + f['predictions']['bias']
+  return [('network', total, forward)]
 
 
 def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:

@@ -71,7 +71,7 @@ bool AppendActivation(dnnl::post_ops* ops, int64_t activation) {
 
 // Per-thread buffers: reordered kernels and scratchpads.
 char* ThreadBuffer(int slot, size_t bytes) {
-  thread_local std::vector<char> buffers[6];
+  thread_local std::vector<char> buffers[9];
   if (buffers[slot].size() < bytes) buffers[slot].resize(bytes);
   return buffers[slot].data();
 }
@@ -643,16 +643,25 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
 template <typename T>
 void Gate(const Block<T>& b, float* pooled, float* hidden) {
   const float inv = 1.f / (b.oh * b.ow);
-  for (int64_t s = 0; s < b.ses; ++s) hidden[s] = b.se_reduce_bias[s];
-  for (int64_t ch = 0; ch < b.e; ++ch) {
+  const int64_t e = b.e, ses = b.ses;
+  std::copy(b.se_reduce_bias, b.se_reduce_bias + ses, hidden);
+  for (int64_t ch = 0; ch < e; ++ch) {
     const float m = pooled[ch] * inv;
-    for (int64_t s = 0; s < b.ses; ++s) hidden[s] += m * b.se_reduce[ch * b.ses + s];
+    const float* row = b.se_reduce + ch * ses;
+#pragma omp simd
+    for (int64_t s = 0; s < ses; ++s) hidden[s] += m * row[s];
   }
-  for (int64_t s = 0; s < b.ses; ++s) hidden[s] = Activate(hidden[s], b.activation);
-  for (int64_t ch = 0; ch < b.e; ++ch) pooled[ch] = b.se_expand_bias[ch];
-  for (int64_t s = 0; s < b.ses; ++s)
-    for (int64_t ch = 0; ch < b.e; ++ch) pooled[ch] += hidden[s] * b.se_expand[s * b.e + ch];
-  for (int64_t ch = 0; ch < b.e; ++ch) pooled[ch] = 1.f / (1.f + std::exp(-pooled[ch]));
+  for (int64_t s = 0; s < ses; ++s) hidden[s] = Activate(hidden[s], b.activation);
+  std::copy(b.se_expand_bias, b.se_expand_bias + e, pooled);
+  for (int64_t s = 0; s < ses; ++s) {
+    const float v = hidden[s];
+    const float* row = b.se_expand + s * e;
+#pragma omp simd
+    for (int64_t ch = 0; ch < e; ++ch) pooled[ch] += v * row[ch];
+  }
+  int64_t ch = 0;
+  for (; ch + 16 <= e; ch += 16) Store(pooled + ch, Sigmoid<float>(Load(pooled + ch)));
+  for (; ch < e; ++ch) pooled[ch] = 1.f / (1.f + std::exp(-pooled[ch]));
 }
 
 // Output rows [oy_lo, oy_hi) of image i: d's rows scaled by the gate, projected, plus x's rows.
@@ -812,6 +821,308 @@ ffi::Error Mbconv(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
                            strip_bytes, type);
 }
 
+// ----------------------------------------------------------------------------- whole network
+// The stem, every MBConv block and the head's 1x1 conv with its pooling, as one call: with at
+// least as many images as threads each thread carries whole images through the network (its
+// maps stay in its core's cache from the stem to the pooling, and no thread waits on another);
+// with fewer, the threads split each map's rows and meet twice per block (after the depthwise,
+// for squeeze-excite's sums, and after the project, whose rows the next block's taps share).
+
+// Derived sizes of a block whose shapes and parameter pointers are set; the strip of rows.
+template <typename T>
+void Shape(Block<T>& b, int64_t strip_bytes) {
+  const int64_t pad_h = std::max<int64_t>((b.oh - 1) * b.stride + b.k - b.h, 0);
+  const int64_t pad_w = std::max<int64_t>((b.ow - 1) * b.stride + b.k - b.w, 0);
+  b.dw.h = b.h, b.dw.w = b.w, b.dw.c = b.e, b.dw.oh = b.oh, b.dw.ow = b.ow, b.dw.k = b.k;
+  b.dw.stride = b.stride, b.dw.pad_top = pad_h / 2, b.dw.pad_left = pad_w / 2;
+  b.dw.activation = b.activation;
+  b.dw.in_w = b.expand ? b.w + pad_w : b.w;
+  b.dw.x0 = b.expand ? pad_w / 2 : 0;
+  const int64_t row_bytes = b.dw.in_w * b.e * sizeof(T);
+  const int64_t budget = strip_bytes > 0 ? strip_bytes : kStripBytes;
+  b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - b.stride)) / b.stride);
+}
+
+struct Stem {
+  int64_t h, w, cin, out, oh, ow, k, stride, pad_top, pad_left, activation;
+  const float* kernel;  // (k, k, cin, out), BatchNorm folded
+  const float* bias;
+};
+
+// Output channels [cb, cb + 16 * J) of the stem conv at one output pixel.
+template <int J, typename T>
+inline void StemPixel(const Stem& s, const float* in, int64_t oy, int64_t ox, int64_t cb, T* o) {
+  const int64_t iy = oy * s.stride - s.pad_top, ix = ox * s.stride - s.pad_left;
+  V16 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = Load(s.bias + cb + 16 * j);
+  for (int64_t ky = std::max<int64_t>(0, -iy); ky < std::min<int64_t>(s.k, s.h - iy); ++ky)
+    for (int64_t kx = std::max<int64_t>(0, -ix); kx < std::min<int64_t>(s.k, s.w - ix); ++kx) {
+      const float* px = in + ((iy + ky) * s.w + ix + kx) * s.cin;
+      const float* wk = s.kernel + (ky * s.k + kx) * s.cin * s.out + cb;
+      for (int64_t ci = 0; ci < s.cin; ++ci) {
+        const V16 v = Splat(px[ci]);
+        for (int j = 0; j < J; ++j) acc[j] += v * Load(wk + ci * s.out + 16 * j);
+      }
+    }
+  for (int j = 0; j < J; ++j) Store(o + cb + 16 * j, Activate<T>(acc[j], s.activation));
+}
+
+// Output rows [oy0, oy1) of the stem conv of one float32 image.
+template <typename T>
+void StemRows(const Stem& s, const float* in, T* out, int64_t oy0, int64_t oy1) {
+  for (int64_t oy = oy0; oy < oy1; ++oy)
+    for (int64_t ox = 0; ox < s.ow; ++ox) {
+      T* o = out + (oy * s.ow + ox) * s.out;
+      int64_t cb = 0;
+      for (; cb + 64 <= s.out; cb += 64) StemPixel<4>(s, in, oy, ox, cb, o);
+      for (; cb + 16 <= s.out; cb += 16) StemPixel<1>(s, in, oy, ox, cb, o);
+      const int64_t iy = oy * s.stride - s.pad_top, ix = ox * s.stride - s.pad_left;
+      for (int64_t co = cb; co < s.out; ++co) {  // fewer than 16 channels left
+        float acc = s.bias[co];
+        for (int64_t ky = std::max<int64_t>(0, -iy); ky < std::min<int64_t>(s.k, s.h - iy); ++ky)
+          for (int64_t kx = std::max<int64_t>(0, -ix); kx < std::min<int64_t>(s.k, s.w - ix); ++kx)
+            for (int64_t ci = 0; ci < s.cin; ++ci)
+              acc += in[((iy + ky) * s.w + ix + kx) * s.cin + ci] *
+                     s.kernel[((ky * s.k + kx) * s.cin + ci) * s.out + co];
+        FromFloat(o + co, Activate(acc, s.activation));
+      }
+    }
+}
+
+struct Head {
+  int64_t h, w, cin, out, activation;
+  const void* kernel;  // packed (cin, out)
+  const float* bias;
+  memory::data_type type;
+};
+
+// The head's 1x1 conv over pixels [p0, p1) of one image, activated, summed into `sums` (out).
+template <typename T>
+void HeadRows(const Head& hd, const T* in, int64_t p0, int64_t p1, float* sums) {
+  T* buf = reinterpret_cast<T*>(ThreadBuffer(5, (p1 - p0) * hd.out * sizeof(T)));
+  RunProduct(*Product(p1 - p0, hd.cin, hd.out, hd.type, 0, false), hd.kernel,
+             in + p0 * hd.cin, hd.bias, nullptr, buf);
+  for (int64_t p = 0; p < p1 - p0; ++p) {
+    const T* row = buf + p * hd.out;
+    int64_t c = 0;
+    for (; c + 16 <= hd.out; c += 16)
+      Store(sums + c, Load(sums + c) + Activate<T>(Load(row + c), hd.activation));
+    for (; c < hd.out; ++c) sums[c] += Activate(ToFloat(row[c]), hd.activation);
+  }
+}
+
+template <typename T>
+std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::vector<Block<T>> blocks,
+                       const Head& head, float* features) {
+  int64_t largest = stem.oh * stem.ow * stem.out, widest = 1, pool = 1;
+  for (const Block<T>& b : blocks) {
+    largest = std::max({largest, b.oh * b.ow * b.out, b.h * b.w * b.cin});
+    widest = std::max(widest, b.oh * b.ow * b.e);
+    pool = std::max(pool, b.e + b.ses);
+  }
+  const int threads = omp_get_max_threads();
+  const int64_t image_in = stem.h * stem.w * stem.cin, pixels = head.h * head.w;
+  std::string error;
+  auto failed = [&](const std::exception& e) {
+#pragma omp critical
+    error = e.what();
+  };
+  if (n >= threads) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) {
+      try {
+        T* a = reinterpret_cast<T*>(ThreadBuffer(6, largest * sizeof(T)));
+        T* c = reinterpret_cast<T*>(ThreadBuffer(7, largest * sizeof(T)));
+        T* d = reinterpret_cast<T*>(ThreadBuffer(3, widest * sizeof(T)));
+        float* pooled = reinterpret_cast<float*>(ThreadBuffer(4, pool * sizeof(float)));
+        StemRows(stem, images + i * image_in, a, 0, stem.oh);
+        for (Block<T> b : blocks) {
+          b.x = a, b.y = c;
+          std::fill(pooled, pooled + pool, 0.f);
+          ExpandDepthwise(b, 0, 0, b.oh, d, pooled);
+          if (b.squeeze) Gate(b, pooled, pooled + b.e);
+          Project(b, 0, 0, b.oh, d, b.squeeze ? pooled : nullptr);
+          std::swap(a, c);
+        }
+        float* out = features + i * head.out;
+        std::fill(out, out + head.out, 0.f);
+        HeadRows(head, a, 0, pixels, out);
+        for (int64_t ch = 0; ch < head.out; ++ch) out[ch] /= pixels;
+      } catch (const std::exception& e) {
+        failed(e);
+      }
+    }
+    return error;
+  }
+  // Fewer images than threads: rows split, the maps of every image shared.
+  const int64_t parts = std::max<int64_t>(1, threads / n), items = n * parts;
+  T* a = reinterpret_cast<T*>(ThreadBuffer(6, n * largest * sizeof(T)));
+  T* c = reinterpret_cast<T*>(ThreadBuffer(7, n * largest * sizeof(T)));
+  T* d = reinterpret_cast<T*>(ThreadBuffer(8, n * widest * sizeof(T)));
+  std::vector<float> sums(items * std::max(pool, head.out));
+  const int64_t stride_sums = std::max(pool, head.out);
+#pragma omp parallel num_threads(items)
+  {
+    const int64_t item = omp_get_thread_num(), i = item / parts, part = item % parts;
+    float* mine = &sums[item * stride_sums];
+    auto rows = [&](int64_t count, int64_t* lo, int64_t* hi) {
+      *lo = count * part / parts, *hi = count * (part + 1) / parts;
+    };
+    T *from = a + i * largest, *to = c + i * largest, *di = d + i * widest;
+    int64_t lo, hi;
+    try {
+      rows(stem.oh, &lo, &hi);
+      StemRows(stem, images + i * image_in, from, lo, hi);
+    } catch (const std::exception& e) {
+      failed(e);
+    }
+#pragma omp barrier
+    for (Block<T> b : blocks) {
+      b.x = from, b.y = to;
+      rows(b.oh, &lo, &hi);
+      std::fill(mine, mine + pool, 0.f);
+      try {
+        if (error.empty() && lo < hi) ExpandDepthwise(b, 0, lo, hi, di, mine);
+      } catch (const std::exception& e) {
+        failed(e);
+      }
+#pragma omp barrier
+      try {
+        std::vector<float> gate(pool, 0.f);
+        if (b.squeeze) {
+          for (int64_t q = 0; q < parts; ++q)
+            for (int64_t ch = 0; ch < b.e; ++ch)
+              gate[ch] += sums[(i * parts + q) * stride_sums + ch];
+          Gate(b, gate.data(), gate.data() + b.e);
+        }
+        if (error.empty() && lo < hi) Project(b, 0, lo, hi, di, b.squeeze ? gate.data() : nullptr);
+      } catch (const std::exception& e) {
+        failed(e);
+      }
+#pragma omp barrier
+      std::swap(from, to);
+    }
+    std::fill(mine, mine + head.out, 0.f);
+    rows(pixels, &lo, &hi);
+    try {
+      if (error.empty() && lo < hi) HeadRows(head, from, lo, hi, mine);
+    } catch (const std::exception& e) {
+      failed(e);
+    }
+#pragma omp barrier
+    if (part == 0) {
+      float* out = features + i * head.out;
+      for (int64_t ch = 0; ch < head.out; ++ch) {
+        float total = 0;
+        for (int64_t q = 0; q < parts; ++q) total += sums[(i * parts + q) * stride_sums + ch];
+        out[ch] = total / pixels;
+      }
+    }
+  }
+  return error;
+}
+
+// Per block, the `kBlockConfig` integers of the `blocks` attribute, and the parameters it takes
+// from the remaining arguments, in order.
+constexpr int kBlockConfig = 9;  // cin, e, out, k, stride, expand, squeeze, residual, se width
+constexpr int kBlockArgs = 10;   // expand (packed), bias; dw kernel (k, k, e), bias;
+                                 // SE reduce (e, s), bias, expand (s, e), bias;
+                                 // project (packed), bias
+
+template <typename T>
+ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kernel,
+                       ffi::Buffer<ffi::F32> stem_bias, ffi::Buffer<ffi::U8> top_kernel,
+                       ffi::Buffer<ffi::F32> top_bias, ffi::RemainingArgs params,
+                       ffi::Result<ffi::Buffer<ffi::F32>> features, ffi::Span<const int64_t> config,
+                       int64_t stem_stride, int64_t activation, int64_t strip_bytes,
+                       memory::data_type type) {
+  auto bad = [](const std::string& what) {
+    return ffi::Error::InvalidArgument("ej_onednn_network: " + what);
+  };
+  auto xd = images.dimensions(), sd = stem_kernel.dimensions(), fd = features->dimensions();
+  if (xd.size() != 4 || sd.size() != 4 || fd.size() != 2 || sd[2] != xd[3] || sd[0] != sd[1] ||
+      fd[0] != xd[0] || config.size() % kBlockConfig != 0 ||
+      params.size() != config.size() / kBlockConfig * kBlockArgs)
+    return bad("images (N, H, W, C), stem kernel (k, k, C, O), features (N, F), 9 integers and "
+               "10 parameters per block");
+  const int64_t n = xd[0];
+  Stem stem{xd[1], xd[2], xd[3], sd[3], (xd[1] + stem_stride - 1) / stem_stride,
+            (xd[2] + stem_stride - 1) / stem_stride, sd[0], stem_stride, 0, 0, activation,
+            stem_kernel.typed_data(), stem_bias.typed_data()};
+  stem.pad_top = std::max<int64_t>((stem.oh - 1) * stem_stride + stem.k - stem.h, 0) / 2;
+  stem.pad_left = std::max<int64_t>((stem.ow - 1) * stem_stride + stem.k - stem.w, 0) / 2;
+  if (stem_bias.element_count() != stem.out) return bad("the stem's bias");
+  std::vector<Block<T>> blocks;
+  int64_t h = stem.oh, w = stem.ow, channels = stem.out;
+  try {
+    for (size_t j = 0; j < config.size() / kBlockConfig; ++j) {
+      const int64_t* cfg = &config[j * kBlockConfig];
+      Block<T> b{};
+      b.n = 1, b.h = h, b.w = w, b.cin = cfg[0], b.e = cfg[1], b.out = cfg[2], b.k = cfg[3];
+      b.stride = cfg[4], b.expand = cfg[5], b.squeeze = cfg[6], b.residual = cfg[7];
+      b.ses = b.squeeze ? cfg[8] : 0, b.activation = activation, b.type = type;
+      b.oh = (h + b.stride - 1) / b.stride, b.ow = (w + b.stride - 1) / b.stride;
+      if (b.cin != channels || (!b.expand && b.e != b.cin) ||
+          (b.residual && (b.stride != 1 || b.out != b.cin)))
+        return bad("block " + std::to_string(j) + "'s shapes do not follow");
+      auto arg = [&](int index, int64_t count) -> ffi::ErrorOr<const void*> {
+        auto buffer = params.get<ffi::AnyBuffer>(j * kBlockArgs + index);
+        if (!buffer.has_value()) return ffi::Unexpected(buffer.error());
+        if (count >= 0 && static_cast<int64_t>(buffer->element_count()) != count)
+          return ffi::Unexpected(bad("block " + std::to_string(j) + ", parameter " +
+                                     std::to_string(index) + ": wrong size"));
+        return buffer->untyped_data();
+      };
+      const int64_t expand_bytes = b.expand ? PackedLayout(b.cin, b.e, type).get_size() : -1;
+      const int64_t project_bytes = PackedLayout(b.e, b.out, type).get_size();
+      const int64_t se = b.squeeze ? b.ses : -1, se_e = b.squeeze ? b.e : -1;
+      const int64_t counts[kBlockArgs] = {expand_bytes, b.expand ? b.e : -1, b.k * b.k * b.e,
+                                          b.e, se < 0 ? -1 : b.e * se, se, se < 0 ? -1 : se * b.e,
+                                          se_e, project_bytes, b.out};
+      const void* p[kBlockArgs];
+      for (int q = 0; q < kBlockArgs; ++q) {
+        auto got = arg(q, counts[q]);
+        if (!got.has_value()) return got.error();
+        p[q] = *got;
+      }
+      b.expand_kernel = p[0], b.expand_bias = static_cast<const float*>(p[1]);
+      b.dw.kernel = static_cast<const float*>(p[2]), b.dw.bias = static_cast<const float*>(p[3]);
+      b.se_reduce = static_cast<const float*>(p[4]), b.se_reduce_bias = static_cast<const float*>(p[5]);
+      b.se_expand = static_cast<const float*>(p[6]), b.se_expand_bias = static_cast<const float*>(p[7]);
+      b.project_kernel = p[8], b.project_bias = static_cast<const float*>(p[9]);
+      Shape(b, strip_bytes);
+      blocks.push_back(b);
+      h = b.oh, w = b.ow, channels = b.out;
+    }
+    Head head{h, w, channels, fd[1], activation, top_kernel.typed_data(), top_bias.typed_data(),
+              type};
+    if (static_cast<size_t>(top_kernel.element_count()) !=
+            PackedLayout(channels, fd[1], type).get_size() ||
+        top_bias.element_count() != fd[1])
+      return bad("the head's kernel is not packed for its shapes, or its bias");
+    std::string error = RunNetwork<T>(n, images.typed_data(), stem, blocks, head,
+                                      features->typed_data());
+    if (!error.empty()) return Failed("network: " + error);
+  } catch (const dnnl::error& e) {
+    return Failed(std::string("network: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Network(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kernel,
+                   ffi::Buffer<ffi::F32> stem_bias, ffi::Buffer<ffi::U8> top_kernel,
+                   ffi::Buffer<ffi::F32> top_bias, ffi::RemainingArgs params,
+                   ffi::Result<ffi::Buffer<ffi::F32>> features, ffi::Span<const int64_t> config,
+                   int64_t stem_stride, int64_t activation, int64_t strip_bytes, bool bf16) {
+  if (bf16)
+    return NetworkImpl<uint16_t>(images, stem_kernel, stem_bias, top_kernel, top_bias, params,
+                                 features, config, stem_stride, activation, strip_bytes,
+                                 memory::data_type::bf16);
+  return NetworkImpl<float>(images, stem_kernel, stem_bias, top_kernel, top_bias, params,
+                            features, config, stem_stride, activation, strip_bytes,
+                            memory::data_type::f32);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
@@ -848,6 +1159,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnConv, ConvImpl,
                                   .Attr<int64_t>("pad_right")
                                   .Attr<int64_t>("groups")
                                   .Attr<int64_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnNetwork, Network,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("blocks")
+                                  .Attr<int64_t>("stem_stride")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<int64_t>("strip_bytes")
+                                  .Attr<bool>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnPack, Pack,
                               ffi::Ffi::Bind()
