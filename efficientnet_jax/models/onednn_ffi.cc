@@ -13,11 +13,15 @@
 // blocked layout in a per-thread buffer (microseconds for EfficientNet's kernels). Scratchpads are
 // per thread, so calls from several XLA threads may run at once.
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <array>
 #include <cmath>
@@ -28,6 +32,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -576,6 +581,35 @@ ffi::Error Dense(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi:
 // well within a core's L2.
 constexpr int64_t kStripBytes = 512 * 1024;
 
+// A barrier for the threads of one parallel region that spins (then yields) rather than sleeps:
+// OpenMP's own sleeps almost at once once the process has more OpenMP threads than CPUs (each
+// XLA thread that calls in brings a team of its own), and waking costs more than a block's step.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int threads) : threads_(threads) {}
+  void Wait() {
+    const int generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == threads_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins < (1 << 18)) {
+#if defined(__x86_64__)
+        _mm_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  const int threads_;
+  std::atomic<int> arrived_{0}, generation_{0};
+};
+
 // One call's block: shapes, parameters and where the maps are.
 template <typename T>
 struct Block {
@@ -711,6 +745,7 @@ std::string RunBlock(const Block<T>& b) {
     const int64_t parts = std::min<int64_t>(threads / b.n, b.oh), items = b.n * parts;
     T* maps = reinterpret_cast<T*>(ThreadBuffer(3, b.n * b.oh * b.ow * b.e * sizeof(T)));
     std::vector<float> sums(items * pool, 0.f);
+    SpinBarrier barrier(items);
 #pragma omp parallel num_threads(items)
     {
       const int64_t item = omp_get_thread_num(), i = item / parts, part = item % parts;
@@ -722,7 +757,7 @@ std::string RunBlock(const Block<T>& b) {
 #pragma omp critical
         error = err.what();
       }
-#pragma omp barrier
+      barrier.Wait();
       try {
         std::vector<float> gate(pool, 0.f);
         if (b.squeeze) {
@@ -961,6 +996,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
   T* d = reinterpret_cast<T*>(ThreadBuffer(8, n * widest * sizeof(T)));
   std::vector<float> sums(items * std::max(pool, head.out));
   const int64_t stride_sums = std::max(pool, head.out);
+  SpinBarrier barrier(items);
 #pragma omp parallel num_threads(items)
   {
     const int64_t item = omp_get_thread_num(), i = item / parts, part = item % parts;
@@ -976,7 +1012,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
     } catch (const std::exception& e) {
       failed(e);
     }
-#pragma omp barrier
+    barrier.Wait();
     for (Block<T> b : blocks) {
       b.x = from, b.y = to;
       rows(b.oh, &lo, &hi);
@@ -986,7 +1022,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
       } catch (const std::exception& e) {
         failed(e);
       }
-#pragma omp barrier
+      barrier.Wait();
       try {
         std::vector<float> gate(pool, 0.f);
         if (b.squeeze) {
@@ -999,7 +1035,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
       } catch (const std::exception& e) {
         failed(e);
       }
-#pragma omp barrier
+      barrier.Wait();
       std::swap(from, to);
     }
     std::fill(mine, mine + head.out, 0.f);
@@ -1009,7 +1045,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
     } catch (const std::exception& e) {
       failed(e);
     }
-#pragma omp barrier
+    barrier.Wait();
     if (part == 0) {
       float* out = features + i * head.out;
       for (int64_t ch = 0; ch < head.out; ++ch) {
