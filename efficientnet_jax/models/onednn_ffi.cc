@@ -888,6 +888,24 @@ struct Stem {
 template <int J, typename T>
 inline void StemPixel(const Stem& s, const float* in, int64_t oy, int64_t ox, int64_t cb, T* o) {
   const int64_t iy = oy * s.stride - s.pad_top, ix = ox * s.stride - s.pad_left;
+  if (s.k == 3 && s.cin == 3 && iy >= 0 && ix >= 0 && iy + 3 <= s.h && ix + 3 <= s.w) {
+    // The usual stem (3x3 over RGB) away from the border: 27 taps, unrolled.
+    V16 acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = Load(s.bias + cb + 16 * j);
+#pragma GCC unroll 3
+    for (int ky = 0; ky < 3; ++ky) {
+      const float* px = in + ((iy + ky) * s.w + ix) * 3;
+      const float* wk = s.kernel + ky * 9 * s.out + cb;
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        const V16 v = Splat(px[t]);
+#pragma GCC unroll 4
+        for (int j = 0; j < J; ++j) acc[j] += v * Load(wk + t * s.out + 16 * j);
+      }
+    }
+    for (int j = 0; j < J; ++j) Store(o + cb + 16 * j, Activate<T>(acc[j], s.activation));
+    return;
+  }
   V16 acc[J];
   for (int j = 0; j < J; ++j) acc[j] = Load(s.bias + cb + 16 * j);
   for (int64_t ky = std::max<int64_t>(0, -iy); ky < std::min<int64_t>(s.k, s.h - iy); ++ky)
@@ -910,6 +928,7 @@ void StemRows(const Stem& s, const float* in, T* out, int64_t oy0, int64_t oy1) 
       T* o = out + (oy * s.ow + ox) * s.out;
       int64_t cb = 0;
       for (; cb + 64 <= s.out; cb += 64) StemPixel<4>(s, in, oy, ox, cb, o);
+      for (; cb + 32 <= s.out; cb += 32) StemPixel<2>(s, in, oy, ox, cb, o);
       for (; cb + 16 <= s.out; cb += 16) StemPixel<1>(s, in, oy, ox, cb, o);
       const int64_t iy = oy * s.stride - s.pad_top, ix = ox * s.stride - s.pad_left;
       for (int64_t co = cb; co < s.out; ++co) {  // fewer than 16 channels left
