@@ -227,7 +227,7 @@ def dense(x: jax.Array, packed: jax.Array, n: int, bias: jax.Array,
 def fold(model: EfficientNet, variables: Any) -> dict:
   """`folding.fold_batch_norm`'s parameters for this path: the stem kernel in the model's dtype
   (bfloat16 or float32), every 1x1 kernel also packed for oneDNN ('packed', `pack`), the
-  depthwise kernels, biases, SE and classifier in float32. Needs `load()`."""
+  depthwise kernels, biases, SE and the classifier (packed too) in float32. Needs `load()`."""
   folded = folding.fold_batch_norm(model, variables)
   dtype = jnp.dtype(model.dtype)
 
@@ -241,8 +241,8 @@ def fold(model: EfficientNet, variables: Any) -> dict:
       out[name] = {'kernel': p['kernel'].astype(dtype), 'bias': p['bias']}
     elif name == 'top_conv':
       out[name] = one_by_one(p)
-    elif name == 'predictions':
-      out[name] = p
+    elif name == 'predictions':  # the classifier stays float32
+      out[name] = {**p, 'packed': pack(p['kernel'].astype(jnp.float32))}
     else:
       out[name] = {k: (one_by_one(v) if k in ('expand_conv', 'project_conv') else v)
                    for k, v in p.items()}
@@ -295,9 +295,9 @@ def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str) -> ja
 
 def network(model: EfficientNet, folded: dict, images: jax.Array,
             strip_bytes: int = 0) -> jax.Array:
-  """The pooled features (N, F) float32 of `model` from `fold`'s parameters: the stem, every
-  block and the head's 1x1 conv with its pooling as one call (`onednn_ffi.cc`), on float32
-  NHWC images, in the model's dtype."""
+  """Logits (N, classes) float32 of `model` from `fold`'s parameters on float32 NHWC images: the
+  stem, every block, the head's 1x1 conv with its pooling and the classifier as one call
+  (`onednn_ffi.cc`), the convolutions in the model's dtype."""
   f32 = lambda v: jnp.asarray(v, jnp.float32)
   empty = jnp.zeros((0,), jnp.float32)
   config, params = [], []
@@ -320,13 +320,14 @@ def network(model: EfficientNet, folded: dict, images: jax.Array,
                   f32(p['se_expand']['bias'])] if squeeze else [empty] * 4)
       params += [p['project_conv']['packed'], f32(p['project_conv']['bias'])]
       channels = out
-  top = folded['top_conv']
+  top, classifier = folded['top_conv'], folded['predictions']
   call = jax.ffi.ffi_call(
       'ej_onednn_network',
-      jax.ShapeDtypeStruct((images.shape[0], top['kernel'].shape[-1]), jnp.float32),
+      jax.ShapeDtypeStruct((images.shape[0], classifier['kernel'].shape[-1]), jnp.float32),
       vmap_method='sequential')
   return call(f32(images), f32(folded['stem_conv']['kernel']), f32(folded['stem_conv']['bias']),
-              top['packed'], f32(top['bias']), *params, blocks=np.asarray(config, np.int64),
+              top['packed'], f32(top['bias']), classifier['packed'], f32(classifier['bias']),
+              *params, blocks=np.asarray(config, np.int64),
               stem_stride=np.int64(model.stem_stride),
               activation=np.int64(ACTIVATIONS[model.activation]),
               strip_bytes=np.int64(strip_bytes),
@@ -335,12 +336,9 @@ def network(model: EfficientNet, folded: dict, images: jax.Array,
 
 def folded_steps(model: EfficientNet) -> list[folding.Step]:
   """The network as one step (name, stride, fn(folded, x) -> logits) on `fold`'s parameters, for
-  `make_inference_fn`: `network`'s features, then the classifier in float32."""
+  `make_inference_fn`: `network`."""
   total = model.stem_stride * math.prod(args.stride for _, args in model.stage_plan())
-
-  def forward(f, x):
-    return network(model, f, x) @ f['predictions']['kernel'] + f['predictions']['bias']
-  return [('network', total, forward)]
+  return [('network', total, lambda f, x: network(model, f, x))]
 
 
 def folded_forward(model: EfficientNet, folded: dict, images: jax.Array) -> jax.Array:

@@ -698,10 +698,10 @@ void Gate(const Block<T>& b, float* pooled, float* hidden) {
   for (; ch < e; ++ch) pooled[ch] = 1.f / (1.f + std::exp(-pooled[ch]));
 }
 
-// Output rows [oy_lo, oy_hi) of image i: d's rows scaled by the gate, projected, plus x's rows.
+// Output pixels [p0, p1) of image i: d's pixels scaled by the gate, projected, plus x's.
 template <typename T>
-void Project(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi, T* d, const float* gate) {
-  const int64_t p0 = oy_lo * b.ow, p1 = oy_hi * b.ow, e = b.e;
+void Project(const Block<T>& b, int64_t i, int64_t p0, int64_t p1, T* d, const float* gate) {
+  const int64_t e = b.e;
   if (gate) {
     for (int64_t p = p0; p < p1; ++p) {
       T* row = d + p * e;
@@ -733,7 +733,7 @@ std::string RunBlock(const Block<T>& b) {
         std::fill(pooled, pooled + pool, 0.f);
         ExpandDepthwise(b, i, 0, b.oh, d, pooled);
         if (b.squeeze) Gate(b, pooled, pooled + b.e);
-        Project(b, i, 0, b.oh, d, b.squeeze ? pooled : nullptr);
+        Project(b, i, 0, b.oh * b.ow, d, b.squeeze ? pooled : nullptr);
       } catch (const dnnl::error& err) {
 #pragma omp critical
         error = err.what();
@@ -765,7 +765,11 @@ std::string RunBlock(const Block<T>& b) {
             for (int64_t ch = 0; ch < b.e; ++ch) gate[ch] += sums[(i * parts + q) * pool + ch];
           Gate(b, gate.data(), gate.data() + b.e);
         }
-        if (error.empty()) Project(b, i, lo, hi, d, b.squeeze ? gate.data() : nullptr);
+        // The product splits by pixels, evenly, where the depthwise split by rows.
+        const int64_t pixels = b.oh * b.ow;
+        if (error.empty())
+          Project(b, i, pixels * part / parts, pixels * (part + 1) / parts, d,
+                  b.squeeze ? gate.data() : nullptr);
       } catch (const dnnl::error& err) {
 #pragma omp critical
         error = err.what();
@@ -995,7 +999,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
           std::fill(pooled, pooled + pool, 0.f);
           ExpandDepthwise(b, 0, 0, b.oh, d, pooled);
           if (b.squeeze) Gate(b, pooled, pooled + b.e);
-          Project(b, 0, 0, b.oh, d, b.squeeze ? pooled : nullptr);
+          Project(b, 0, 0, b.oh * b.ow, d, b.squeeze ? pooled : nullptr);
           std::swap(a, c);
         }
         float* out = features + i * head.out;
@@ -1050,6 +1054,8 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
               gate[ch] += sums[(i * parts + q) * stride_sums + ch];
           Gate(b, gate.data(), gate.data() + b.e);
         }
+        // The product splits by pixels, evenly, where the depthwise split by rows.
+        rows(b.oh * b.ow, &lo, &hi);
         if (error.empty() && lo < hi) Project(b, 0, lo, hi, di, b.squeeze ? gate.data() : nullptr);
       } catch (const std::exception& e) {
         failed(e);
@@ -1087,19 +1093,21 @@ constexpr int kBlockArgs = 10;   // expand (packed), bias; dw kernel (k, k, e), 
 template <typename T>
 ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kernel,
                        ffi::Buffer<ffi::F32> stem_bias, ffi::Buffer<ffi::U8> top_kernel,
-                       ffi::Buffer<ffi::F32> top_bias, ffi::RemainingArgs params,
-                       ffi::Result<ffi::Buffer<ffi::F32>> features, ffi::Span<const int64_t> config,
+                       ffi::Buffer<ffi::F32> top_bias, ffi::Buffer<ffi::U8> classifier,
+                       ffi::Buffer<ffi::F32> classifier_bias, ffi::RemainingArgs params,
+                       ffi::Result<ffi::Buffer<ffi::F32>> logits, ffi::Span<const int64_t> config,
                        int64_t stem_stride, int64_t activation, int64_t strip_bytes,
                        memory::data_type type) {
   auto bad = [](const std::string& what) {
     return ffi::Error::InvalidArgument("ej_onednn_network: " + what);
   };
-  auto xd = images.dimensions(), sd = stem_kernel.dimensions(), fd = features->dimensions();
-  if (xd.size() != 4 || sd.size() != 4 || fd.size() != 2 || sd[2] != xd[3] || sd[0] != sd[1] ||
-      fd[0] != xd[0] || config.size() % kBlockConfig != 0 ||
+  auto xd = images.dimensions(), sd = stem_kernel.dimensions(), ld = logits->dimensions();
+  if (xd.size() != 4 || sd.size() != 4 || ld.size() != 2 || sd[2] != xd[3] || sd[0] != sd[1] ||
+      ld[0] != xd[0] || config.size() % kBlockConfig != 0 ||
       params.size() != config.size() / kBlockConfig * kBlockArgs)
-    return bad("images (N, H, W, C), stem kernel (k, k, C, O), features (N, F), 9 integers and "
-               "10 parameters per block");
+    return bad("images (N, H, W, C), stem kernel (k, k, C, O), logits (N, classes), 9 integers "
+               "and 10 parameters per block");
+  const int64_t features = top_bias.element_count(), classes = ld[1];
   const int64_t n = xd[0];
   Stem stem{xd[1], xd[2], xd[3], sd[3], (xd[1] + stem_stride - 1) / stem_stride,
             (xd[2] + stem_stride - 1) / stem_stride, sd[0], stem_stride, 0, 0, activation,
@@ -1149,15 +1157,22 @@ ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_
       blocks.push_back(b);
       h = b.oh, w = b.ow, channels = b.out;
     }
-    Head head{h, w, channels, fd[1], activation, top_kernel.typed_data(), top_bias.typed_data(),
-              type};
+    Head head{h, w, channels, features, activation, top_kernel.typed_data(),
+              top_bias.typed_data(), type};
     if (static_cast<size_t>(top_kernel.element_count()) !=
-            PackedLayout(channels, fd[1], type).get_size() ||
-        top_bias.element_count() != fd[1])
-      return bad("the head's kernel is not packed for its shapes, or its bias");
-    std::string error = RunNetwork<T>(n, images.typed_data(), stem, blocks, head,
-                                      features->typed_data());
+        PackedLayout(channels, features, type).get_size())
+      return bad("the head's kernel is not packed for its shapes");
+    const memory::data_type f32 = memory::data_type::f32;
+    if (static_cast<size_t>(classifier.element_count()) !=
+            PackedLayout(features, classes, f32).get_size() ||
+        classifier_bias.element_count() != classes)
+      return bad("the classifier's kernel is not packed (float32) for its shapes, or its bias");
+    // The pooled features of every image, then the classifier on them all in one product.
+    std::vector<float> pooled(n * features);
+    std::string error = RunNetwork<T>(n, images.typed_data(), stem, blocks, head, pooled.data());
     if (!error.empty()) return Failed("network: " + error);
+    RunProduct(*Product(n, features, classes, f32, 0, false), classifier.typed_data(),
+               pooled.data(), classifier_bias.typed_data(), nullptr, logits->typed_data());
   } catch (const dnnl::error& e) {
     return Failed(std::string("network: ") + e.what());
   }
@@ -1166,16 +1181,17 @@ ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_
 
 ffi::Error Network(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kernel,
                    ffi::Buffer<ffi::F32> stem_bias, ffi::Buffer<ffi::U8> top_kernel,
-                   ffi::Buffer<ffi::F32> top_bias, ffi::RemainingArgs params,
-                   ffi::Result<ffi::Buffer<ffi::F32>> features, ffi::Span<const int64_t> config,
+                   ffi::Buffer<ffi::F32> top_bias, ffi::Buffer<ffi::U8> classifier,
+                   ffi::Buffer<ffi::F32> classifier_bias, ffi::RemainingArgs params,
+                   ffi::Result<ffi::Buffer<ffi::F32>> logits, ffi::Span<const int64_t> config,
                    int64_t stem_stride, int64_t activation, int64_t strip_bytes, bool bf16) {
   if (bf16)
-    return NetworkImpl<uint16_t>(images, stem_kernel, stem_bias, top_kernel, top_bias, params,
-                                 features, config, stem_stride, activation, strip_bytes,
-                                 memory::data_type::bf16);
-  return NetworkImpl<float>(images, stem_kernel, stem_bias, top_kernel, top_bias, params,
-                            features, config, stem_stride, activation, strip_bytes,
-                            memory::data_type::f32);
+    return NetworkImpl<uint16_t>(images, stem_kernel, stem_bias, top_kernel, top_bias, classifier,
+                                 classifier_bias, params, logits, config, stem_stride, activation,
+                                 strip_bytes, memory::data_type::bf16);
+  return NetworkImpl<float>(images, stem_kernel, stem_bias, top_kernel, top_bias, classifier,
+                            classifier_bias, params, logits, config, stem_stride, activation,
+                            strip_bytes, memory::data_type::f32);
 }
 
 }  // namespace
@@ -1219,6 +1235,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnNetwork, Network,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
