@@ -1,7 +1,7 @@
-"""The optional oneDNN path (`models/onednn.py`): its convolutions and products equal XLA's, the
-network on it equals the float32 model within bfloat16's rounding, bfloat16 CPU inference gives
-float32's top-1 on the real Lite0 photos, and without the extension everything falls back with
-one log line.
+"""The optional oneDNN path (`models/onednn.py`): one fused MBConv block equals the folded block
+on XLA, the whole network as one call equals the float32 model (to float32's rounding, or within
+bfloat16's), bfloat16 CPU inference gives float32's top-1 on the real Lite0 photos, bad calls are
+refused with what was wrong, and without the extension everything falls back with one log line.
 
 The tests of the extension itself skip, saying why, where it cannot be built (no oneDNN: the
 '[onednn]' extra; no C++ compiler); bfloat16 ones also where the CPU has neither AMX nor
@@ -55,53 +55,6 @@ def _tolerance(dtype) -> float:
 
 
 DTYPES = [pytest.param(jnp.float32, id='f32'), pytest.param(jnp.bfloat16, id='bf16')]
-
-
-@pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('kernel_size,stride,size,batch', [
-    (3, 1, 9, 2), (3, 2, 10, 1), (3, 2, 9, 2), (5, 1, 10, 1), (5, 2, 9, 1), (5, 2, 10, 2)])
-@pytest.mark.parametrize('depthwise', [True, False], ids=['depthwise', 'regular'])
-def test_conv_equals_xla(dtype, kernel_size, stride, size, batch, depthwise):
-  """conv + bias + swish equals XLA's convolution (TF SAME padding) on the same rounded
-  inputs: kernels 3 and 5, strides 1 and 2, odd and even sizes, batch 1."""
-  _need(dtype)
-  rng = np.random.default_rng(kernel_size * 100 + stride * 10 + size)
-  channels = 24 if depthwise else 3
-  out = channels if depthwise else 16
-  x = jnp.asarray(rng.standard_normal((batch, size, size, channels)), dtype)
-  kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size,
-                                            1 if depthwise else channels, out)) * 0.3, dtype)
-  bias = jnp.asarray(rng.standard_normal(out), jnp.float32)
-  groups = channels if depthwise else 1
-  got = jax.jit(lambda x, k, b: onednn.conv(x, k, b, stride, groups=groups,
-                                            activation='swish'))(x, kernel, bias)
-  padding = (layers.same_padding(size, kernel_size, stride),) * 2
-  want = jax.nn.swish(jax.lax.conv_general_dilated(
-      x.astype(jnp.float32), kernel.astype(jnp.float32), (stride, stride), padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups,
-      precision=jax.lax.Precision.HIGHEST) + bias)
-  assert got.shape == want.shape and got.dtype == dtype
-  assert _relative(got, want) <= _tolerance(dtype)
-
-
-@pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('activation', ['none', 'swish', 'relu6', 'relu'])
-@pytest.mark.parametrize('m,k,n', [(50, 24, 40), (7, 320, 1280), (3, 16, 96)])
-def test_dense_equals_xla(dtype, activation, m, k, n):
-  """act(x @ kernel + bias) with the kernel packed by `pack`, the head's 1x1 conv."""
-  _need(dtype)
-  rng = np.random.default_rng(m + k + n)
-  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-  kernel = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
-  bias = jnp.asarray(rng.standard_normal(n), jnp.float32)
-  got = jax.jit(lambda x, w, b: onednn.dense(x, onednn.pack(w), n, b, activation))(
-      x, kernel, bias)
-  want = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST) + bias
-  if activation != 'none':
-    want = layers.activation_fn(activation)(want)
-  assert got.dtype == dtype
-  assert _relative(got, want) <= _tolerance(dtype)
 
 
 def _tiny_b0(dtype):
@@ -204,6 +157,25 @@ def test_network_on_onednn_equals_float32(dtype, size):
     assert got.shape == (batch, 1000) and got.dtype == jnp.float32
     tolerance = BF16_LOGIT_TOLERANCE if dtype == jnp.bfloat16 else 1e-4
     assert _relative(got, want[:batch]) <= tolerance
+
+
+def test_network_refuses_parameters_that_do_not_fit():
+  """A kernel packed for other shapes, or a block list that does not follow from one block to the
+  next: an error naming what is wrong, not a read past a buffer."""
+  _need(jnp.float32)
+  model = _tiny_b0(jnp.float32)
+  images = jnp.zeros((1, 32, 32, 3), jnp.float32)
+  folded = jax.jit(lambda v: onednn.fold(model, v))(jax.jit(model.init)(jax.random.key(0),
+                                                                         images))
+  name = 'block2a'
+  wrong = dict(folded, **{name: dict(folded[name], project_conv=dict(
+      folded[name]['project_conv'], packed=folded['block1a']['project_conv']['packed']))})
+  with pytest.raises(Exception, match='wrong size'):
+    jax.block_until_ready(onednn.network(model, wrong, images))
+  mixed = dict(folded, block3a=folded['block4a'])  # 16 channels in where 8 arrive
+  with pytest.raises(Exception, match='wrong size|do not follow'):
+    jax.block_until_ready(onednn.network(model, mixed, images))
+  assert np.isfinite(np.asarray(onednn.network(model, folded, images))).all()
 
 
 def test_without_the_extension_bfloat16_falls_back_with_one_log_line(monkeypatch, caplog):

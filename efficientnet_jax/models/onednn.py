@@ -1,29 +1,27 @@
-"""bfloat16 EfficientNet inference on oneDNN (CPU), through XLA FFI custom calls: optional.
+"""EfficientNet CPU inference as one native call, its 1x1 convs on oneDNN: optional.
 
-XLA:CPU runs bfloat16 convolutions and products no faster than float32 (slower, in fact: it
-converts around float32 kernels), while oneDNN runs them on the CPU's AMX or AVX512_BF16 units.
-This module runs an EfficientNet's convolutions on oneDNN from inside a jitted program:
+XLA:CPU runs an EfficientNet as a chain of ops, each writing its output to memory: the wide
+expanded maps, the depthwise convs through XLA's generic convolution, and bfloat16 no faster than
+float32 (XLA converts around float32 kernels). `onednn_ffi.cc` runs the whole network in one
+`jax.ffi` call instead (`network`): the 1x1 convs as oneDNN products (AMX or AVX512_BF16 units
+for bfloat16, AVX-512 for float32), the stem, depthwise convs, activations, squeeze-excite and
+pooling as its own loops, block by block, image by image, a strip of the expanded map at a time
+in the core's cache. The 1x1 kernels are packed into oneDNN's layout once, by `fold`.
 
-- `conv` (the stem, the depthwise convs) and `matmul` (every 1x1 conv) are `jax.ffi.ffi_call`s
-  of the handlers in `onednn_ffi.cc`, each fused with its bias (BatchNorm folded in), its
-  activation and, for a project conv, the residual add;
-- squeeze-excite's gate is folded into the project conv's kernel, one kernel per example,
-  wherever that is cheaper than scaling the activations (H*W >= output channels);
-- the pooling, the SE convs and the classifier stay in XLA, in float32.
-
-`folded_steps(model)` is the network as steps like `folding.folded_steps`, on `fold(model,
-variables)`'s parameters, so `make_inference_fn` chunks and streams it the same way; it takes
-this path for a bfloat16 EfficientNet on CPU where `load()` succeeds.
+`make_inference_fn` takes this path (`folded_steps`) for a bfloat16 EfficientNet on a CPU with
+AMX or AVX512_BF16 and for a float32 one on a CPU with AVX-512 (`unsuited_cpu` says why not
+elsewhere), where `load()` succeeds: float32 gives `apply`'s values to float32 rounding,
+bfloat16 within bfloat16's.
 
 The extension is optional: `pip install 'efficientnet-jax[onednn]'` installs oneDNN (its CPU-only
 OpenMP build and headers), and the first use compiles `onednn_ffi.cc` with the C++ compiler
-(`$CXX`, else g++), seconds, into a cache directory (`$EFFICIENTNET_JAX_CACHE`, else
+(`$CXX`, else g++) for this CPU, seconds, into a cache directory (`$EFFICIENTNET_JAX_CACHE`, else
 `~/.cache/efficientnet_jax`). Where any of that is missing, or `EFFICIENTNET_JAX_ONEDNN=0`,
-`load()` logs one line saying why and returns None, and bfloat16 runs on XLA's path. What was
+`load()` logs one line saying why and returns None, and inference runs on XLA's path. What was
 measured is in docs/performance.md.
 
     python -m efficientnet_jax.models.onednn   # builds it now (e.g. in an image) and says
-                                               # whether bfloat16 inference will use it
+                                               # where float32 and bfloat16 inference run
 """
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficientnet_jax import xla_cpu
-from efficientnet_jax.models import folding, layers
+from efficientnet_jax.models import folding
 from efficientnet_jax.models.efficientnet import EfficientNet, has_residual
 from efficientnet_jax.models.naming import block_name
 
@@ -55,9 +53,8 @@ logger = logging.getLogger(__name__)
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_ffi.cc')
 # Activation codes of onednn_ffi.cc's handlers.
 ACTIVATIONS = {'none': 0, 'swish': 1, 'relu6': 2, 'relu': 3}
-TARGETS = {'ej_onednn_conv': 'EjOnednnConv', 'ej_onednn_mbconv': 'EjOnednnMbconv',
-           'ej_onednn_pack': 'EjOnednnPack', 'ej_onednn_dense': 'EjOnednnDense',
-           'ej_onednn_network': 'EjOnednnNetwork'}
+TARGETS = {'ej_onednn_network': 'EjOnednnNetwork', 'ej_onednn_mbconv': 'EjOnednnMbconv',
+           'ej_onednn_pack': 'EjOnednnPack'}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -89,7 +86,7 @@ def cache_dir() -> str:
 
 
 def build() -> str:
-  """Compiles `onednn_ffi.cc` (once per source, JAX and oneDNN) and returns the library's path.
+  """Compiles `onednn_ffi.cc` (once per source, JAX, oneDNN and CPU) and returns its path.
 
   Raises OnednnUnavailable, saying what is missing, where it cannot.
   """
@@ -98,13 +95,16 @@ def build() -> str:
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if not compiler:
     raise OnednnUnavailable('no C++ compiler (set $CXX or install g++)')
-  command = [compiler, '-O3', '-march=native', '-fopenmp', '-std=c++17', '-shared', '-fPIC', '-isystem',
-             jax.ffi.include_dir(), '-isystem', os.path.join(prefix, 'include'), SOURCE,
-             f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
+  command = [compiler, '-O3', '-march=native', '-fopenmp', '-std=c++17', '-shared', '-fPIC',
+             '-isystem', jax.ffi.include_dir(), '-isystem', os.path.join(prefix, 'include'),
+             SOURCE, f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
   with open(SOURCE, 'rb') as f:
     digest = hashlib.sha256(f.read())
   libdnnl = os.path.realpath(os.path.join(lib_dir, 'libdnnl.so'))
-  digest.update(' '.join(command + [jax.__version__, libdnnl]).encode())
+  # -march=native: the library is for this CPU, so its flags are part of the name (a cache
+  # shared between machines never hands one CPU another's instructions).
+  digest.update(' '.join(command + [jax.__version__, libdnnl]
+                         + sorted(xla_cpu.cpu_flags())).encode())
   path = os.path.join(cache_dir(), f'onednn_ffi-{digest.hexdigest()[:16]}.so')
   if os.path.isfile(path):
     return path
@@ -185,25 +185,6 @@ def supports(model) -> bool:
 
 
 # ----------------------------------------------------------------------------- the operations
-def conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1,
-         padding: tuple[tuple[int, int], tuple[int, int]] | None = None, groups: int = 1,
-         activation: str = 'none') -> jax.Array:
-  """act(conv(x, kernel) + bias) on oneDNN: NHWC `x`, HWIO `kernel` ((k, k, 1, C) depthwise
-  with groups=C), TF SAME padding unless given. Computes in `x`'s dtype (bf16 or f32)."""
-  n, h, w, _ = x.shape
-  kh, kw, _, out = kernel.shape
-  if padding is None:
-    padding = (layers.same_padding(h, kh, stride), layers.same_padding(w, kw, stride))
-  (top, bottom), (left, right) = padding
-  oh, ow = (h + top + bottom - kh) // stride + 1, (w + left + right - kw) // stride + 1
-  call = jax.ffi.ffi_call('ej_onednn_conv', jax.ShapeDtypeStruct((n, oh, ow, out), x.dtype),
-                          vmap_method='sequential')
-  return call(x, kernel.astype(x.dtype), bias.astype(jnp.float32), stride=np.int64(stride),
-              pad_top=np.int64(top), pad_bottom=np.int64(bottom), pad_left=np.int64(left),
-              pad_right=np.int64(right), groups=np.int64(groups),
-              activation=np.int64(ACTIVATIONS[activation]))
-
-
 def pack(kernel: jax.Array) -> jax.Array:
   """A (k, n) bfloat16 or float32 kernel in oneDNN's blocked layout for products (uint8 bytes):
   what `dense` and `mbconv` take, packed once when the parameters are folded."""
@@ -213,14 +194,6 @@ def pack(kernel: jax.Array) -> jax.Array:
     raise ValueError(f'oneDNN has no product for a {k}x{n} {kernel.dtype} kernel')
   return jax.ffi.ffi_call('ej_onednn_pack', jax.ShapeDtypeStruct((size,), jnp.uint8),
                           vmap_method='sequential')(kernel)
-
-
-def dense(x: jax.Array, packed: jax.Array, n: int, bias: jax.Array,
-          activation: str = 'none') -> jax.Array:
-  """act(x @ kernel + bias) on oneDNN: x (m, k), `pack(kernel)` of a (k, n) kernel."""
-  out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype)
-  return jax.ffi.ffi_call('ej_onednn_dense', out, vmap_method='sequential')(
-      x, packed, bias.astype(jnp.float32), activation=np.int64(ACTIVATIONS[activation]))
 
 
 # ----------------------------------------------------------------------------- the network

@@ -1,22 +1,29 @@
-// XLA FFI handlers that run EfficientNet's convolutions on oneDNN (CPU), for `onednn.py`.
+// XLA FFI handlers that run a whole EfficientNet's inference on the CPU, for `onednn.py`.
 //
-// Two targets, both NHWC / channels-last, bfloat16 or float32 activations, float32 bias:
-//   ej_onednn_conv    a kxk convolution (the stem, or depthwise with groups = channels), XLA's
-//                     HWIO kernel, explicit (TF SAME) padding, bias and an activation;
-//   ej_onednn_matmul  x (B, M, K) @ w (Bw, K, N) + bias [+ residual], then an activation: every
-//                     1x1 conv, with per-example weights (Bw = B) where squeeze-excite's gate is
-//                     folded into the project conv.
-// On CPUs with AMX or AVX512_BF16, oneDNN runs bfloat16 on those units, which XLA:CPU does not.
+//   ej_onednn_network  images (N, H, W, 3) float32 -> logits (N, classes) float32: the stem, every
+//                      MBConv block, the head's 1x1 conv and pooling, and the classifier, in one
+//                      call, with BatchNorm folded in; bfloat16 or float32 maps.
+//   ej_onednn_mbconv   one MBConv block on NHWC maps (the same code, for tests and single blocks).
+//   ej_onednn_pack     a (k, n) 1x1 kernel -> the bytes of its oneDNN blocked layout, once, when
+//                      the parameters are folded.
 //
-// Primitives are created once per shape and attributes and kept (a global map under a mutex).
-// Kernels arrive in XLA's plain layout every call, and are reordered into the primitive's
-// blocked layout in a per-thread buffer (microseconds for EfficientNet's kernels). Scratchpads are
-// per thread, so calls from several XLA threads may run at once.
+// The 1x1 convolutions are oneDNN products (matmul primitives: AMX or AVX512_BF16 for bfloat16,
+// AVX-512 for float32), everything else is this file's own: the stem, the depthwise convolutions
+// (the expanded map's rows are widened once per kernel row and reused across outputs), the
+// activations (a cheaper swish than oneDNN's), squeeze-excite and the pooling.
+//
+// Each block runs image by image, and the expand conv's output in strips of rows: a strip is
+// expanded into a cache-sized buffer with the depthwise padding as zero columns, consumed by the
+// depthwise conv, and the rows the next strip's taps share are kept. So the wide expanded map
+// never reaches memory whole, and the depthwise output is still in cache for the project product.
+// With at least as many images as threads each thread carries whole images through the network
+// and no thread waits on another; with fewer, the threads split every map's rows and meet at a
+// spinning barrier twice per block. oneDNN's own threading is off inside (nested OpenMP).
+//
+// Primitives are created once per shape and kept (a global map under a mutex); buffers and
+// scratchpads are per thread, so calls from several XLA threads may run at once.
 #include <omp.h>
 #if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-#ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
@@ -63,20 +70,24 @@ bool ToDnnl(ffi::DataType type, memory::data_type* out) {
   return false;
 }
 
-// 0: none, 1: swish, 2: relu6, 3: relu (the codes onednn.py passes).
-bool AppendActivation(dnnl::post_ops* ops, int64_t activation) {
-  switch (activation) {
-    case 0: return true;
-    case 1: ops->append_eltwise(algorithm::eltwise_swish, 1.f, 0.f); return true;
-    case 2: ops->append_eltwise(algorithm::eltwise_clip_v2, 0.f, 6.f); return true;
-    case 3: ops->append_eltwise(algorithm::eltwise_relu, 0.f, 0.f); return true;
-    default: return false;
-  }
-}
+// Activation codes (onednn.py's ACTIVATIONS): 0 none, 1 swish, 2 relu6, 3 relu.
+constexpr int64_t kActivations = 4;
 
-// Per-thread buffers: reordered kernels and scratchpads.
-char* ThreadBuffer(int slot, size_t bytes) {
-  thread_local std::vector<char> buffers[9];
+// Per-thread buffers, grown as needed and kept.
+enum Slot {
+  kScratchpad,  // oneDNN's
+  kStrip,       // rows of the expanded map, with their zero columns
+  kDense,       // a product's output before its activation
+  kDepthwise,   // one image's depthwise output
+  kPooled,      // channel sums, the gate, SE's hidden layer
+  kMapA,        // the network's maps, ping and pong
+  kMapB,
+  kMaps,        // the depthwise outputs of every image, when threads split the rows
+  kSlots
+};
+
+char* ThreadBuffer(Slot slot, size_t bytes) {
+  thread_local std::vector<char> buffers[kSlots];
   if (buffers[slot].size() < bytes) buffers[slot].resize(bytes);
   return buffers[slot].data();
 }
@@ -104,85 +115,8 @@ class PlanCache {
   std::map<Key, std::shared_ptr<Plan>> plans_;
 };
 
-struct ConvPlan {
-  dnnl::convolution_forward primitive;
-  dnnl::reorder kernel_reorder;
-  memory::desc src, user_kernel, kernel, bias, dst, scratchpad;
-};
-
-PlanCache<ConvPlan>& conv_cache() {
-  static PlanCache<ConvPlan> plans;
-  return plans;
-}
-
 ffi::Error Failed(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN: " + what);
-}
-
-ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer kernel, ffi::Buffer<ffi::F32> bias,
-                    ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t pad_top,
-                    int64_t pad_bottom, int64_t pad_left, int64_t pad_right, int64_t groups,
-                    int64_t activation) {
-  memory::data_type type;
-  if (!ToDnnl(x.element_type(), &type) || kernel.element_type() != x.element_type() ||
-      y->element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("ej_onednn_conv: x, kernel and y must share bf16 or f32");
-  }
-  auto xd = x.dimensions(), kd = kernel.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4) {
-    return ffi::Error::InvalidArgument("ej_onednn_conv: x, kernel and y must be 4-D");
-  }
-  const int64_t n = xd[0], h = xd[1], w = xd[2], c = xd[3], kh = kd[0], kw = kd[1],
-                out = kd[3], oh = yd[1], ow = yd[2];
-  Key key = {n, h, w, c, kh, kw, kd[2], out, oh, ow, stride, pad_top, pad_bottom, pad_left,
-             pad_right, groups, activation, static_cast<int64_t>(type)};
-  std::shared_ptr<ConvPlan> plan;
-  try {
-    plan = conv_cache().Get(key, [&]() {
-      ConvPlan p;
-      p.src = memory::desc({n, c, h, w}, type, memory::format_tag::nhwc);
-      p.dst = memory::desc({n, out, oh, ow}, type, memory::format_tag::nhwc);
-      p.bias = memory::desc({out}, memory::data_type::f32, memory::format_tag::a);
-      if (groups > 1) {  // XLA (kh, kw, 1, C): dims (g, o, i, h, w) laid out h, w, i, g, o
-        p.user_kernel = memory::desc({groups, out / groups, c / groups, kh, kw}, type,
-                                     memory::format_tag::hwigo);
-      } else {  // XLA HWIO
-        p.user_kernel = memory::desc({out, c, kh, kw}, type, memory::format_tag::hwio);
-      }
-      memory::desc any_kernel(p.user_kernel.get_dims(), type, memory::format_tag::any);
-      dnnl::post_ops ops;
-      AppendActivation(&ops, activation);
-      dnnl::primitive_attr attr;
-      attr.set_post_ops(ops);
-      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-      dnnl::convolution_forward::primitive_desc pd(
-          Engine(), dnnl::prop_kind::forward_inference, algorithm::convolution_direct, p.src,
-          any_kernel, p.bias, p.dst, {stride, stride}, {pad_top, pad_left},
-          {pad_bottom, pad_right}, attr);
-      p.kernel = pd.weights_desc();
-      p.scratchpad = pd.scratchpad_desc();
-      p.primitive = dnnl::convolution_forward(pd);
-      p.kernel_reorder = dnnl::reorder(
-          dnnl::reorder::primitive_desc(Engine(), p.user_kernel, Engine(), p.kernel));
-      return p;
-    });
-    dnnl::engine& engine = Engine();
-    dnnl::stream& stream = ThreadStream();
-    memory user_kernel(plan->user_kernel, engine, kernel.untyped_data());
-    memory blocked(plan->kernel, engine, ThreadBuffer(0, plan->kernel.get_size()));
-    plan->kernel_reorder.execute(stream, user_kernel, blocked);
-    plan->primitive.execute(
-        stream, {{DNNL_ARG_SRC, memory(plan->src, engine, x.untyped_data())},
-                 {DNNL_ARG_WEIGHTS, blocked},
-                 {DNNL_ARG_BIAS, memory(plan->bias, engine, bias.typed_data())},
-                 {DNNL_ARG_DST, memory(plan->dst, engine, y->untyped_data())},
-                 {DNNL_ARG_SCRATCHPAD, memory(plan->scratchpad, engine,
-                                              ThreadBuffer(1, plan->scratchpad.get_size()))}});
-    stream.wait();
-  } catch (const dnnl::error& e) {
-    return Failed(std::string("convolution: ") + e.what());
-  }
-  return ffi::Error::Success();
 }
 
 // ----------------------------------------------------------------------------- fused MBConv
@@ -491,10 +425,11 @@ PlanCache<ProductPlan>& product_cache() {
   return plans;
 }
 
-// act(x (m, k) @ kernel + bias [+ residual]) -> y (m, n), all dense, the kernel packed.
+// x (m, k) @ kernel + bias [+ residual] -> y (m, n), all dense, the kernel packed. (The
+// activations are this file's own: cheaper than oneDNN's swish post-op.)
 std::shared_ptr<ProductPlan> Product(int64_t m, int64_t k, int64_t n, memory::data_type type,
-                                     int64_t activation, bool residual) {
-  Key key = {m, k, n, static_cast<int64_t>(type), activation, residual};
+                                     bool residual) {
+  Key key = {m, k, n, static_cast<int64_t>(type), residual};
   return product_cache().Get(key, [&]() {
     ProductPlan p;
     p.src = memory::desc({1, m, k}, type, memory::format_tag::abc);
@@ -506,7 +441,6 @@ std::shared_ptr<ProductPlan> Product(int64_t m, int64_t k, int64_t n, memory::da
       p.residual = p.dst;
       ops.append_binary(algorithm::binary_add, p.residual);
     }
-    AppendActivation(&ops, activation);
     dnnl::primitive_attr attr;
     attr.set_post_ops(ops);
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
@@ -527,7 +461,7 @@ void RunProduct(const ProductPlan& plan, const void* packed, const void* x, cons
       {DNNL_ARG_BIAS, memory(plan.bias, engine, const_cast<float*>(bias))},
       {DNNL_ARG_DST, memory(plan.dst, engine, y)},
       {DNNL_ARG_SCRATCHPAD,
-       memory(plan.scratchpad, engine, ThreadBuffer(1, plan.scratchpad.get_size()))}};
+       memory(plan.scratchpad, engine, ThreadBuffer(kScratchpad, plan.scratchpad.get_size()))}};
   if (residual) {
     args[DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1] =
         memory(plan.residual, engine, const_cast<void*>(residual));
@@ -554,25 +488,6 @@ ffi::Error Pack(ffi::AnyBuffer kernel, ffi::Result<ffi::Buffer<ffi::U8>> packed)
     stream.wait();
   } catch (const dnnl::error& e) {
     return Failed(std::string("pack: ") + e.what());
-  }
-  return ffi::Error::Success();
-}
-
-// act(x (m, k) @ packed kernel + bias): the head's 1x1 conv.
-ffi::Error Dense(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::F32> bias,
-                 ffi::Result<ffi::AnyBuffer> y, int64_t activation) {
-  memory::data_type type;
-  auto xd = x.dimensions(), yd = y->dimensions();
-  if (!ToDnnl(x.element_type(), &type) || y->element_type() != x.element_type() ||
-      xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0])
-    return ffi::Error::InvalidArgument("ej_onednn_dense: x (m, k) and y (m, n), bf16 or f32");
-  try {
-    if (static_cast<size_t>(packed.element_count()) != PackedLayout(xd[1], yd[1], type).get_size())
-      return ffi::Error::InvalidArgument("ej_onednn_dense: the kernel is not packed for this shape");
-    RunProduct(*Product(xd[0], xd[1], yd[1], type, activation, false), packed.typed_data(),
-               x.untyped_data(), bias.typed_data(), nullptr, y->untyped_data());
-  } catch (const dnnl::error& e) {
-    return Failed(std::string("dense: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -639,7 +554,7 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
   }
   const int64_t in_w = b.dw.in_w, x0 = b.dw.x0, pitch = in_w * b.e, s = b.stride;
   T* held = reinterpret_cast<T*>(
-      ThreadBuffer(2, ((b.strip - 1) * s + b.k) * pitch * sizeof(T)));
+      ThreadBuffer(kStrip, ((b.strip - 1) * s + b.k) * pitch * sizeof(T)));
   int64_t held_lo = 0, held_hi = 0;  // the input rows in `held`
   for (int64_t oy0 = oy_lo; oy0 < oy_hi; oy0 += b.strip) {
     const int64_t oy1 = std::min(oy_hi, oy0 + b.strip);
@@ -657,8 +572,8 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
       // row activated into place between its zero columns.
       T* rows = held + (first - lo) * pitch;
       const int64_t count = hi - first, row = b.w * b.e;
-      T* dense = reinterpret_cast<T*>(ThreadBuffer(5, count * row * sizeof(T)));
-      RunProduct(*Product(count * b.w, b.cin, b.e, b.type, 0, false), b.expand_kernel,
+      T* dense = reinterpret_cast<T*>(ThreadBuffer(kDense, count * row * sizeof(T)));
+      RunProduct(*Product(count * b.w, b.cin, b.e, b.type, false), b.expand_kernel,
                  xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
       for (int64_t r = 0; r < count; ++r) {
         T* to = rows + r * pitch;
@@ -711,7 +626,7 @@ void Project(const Block<T>& b, int64_t i, int64_t p0, int64_t p1, T* d, const f
     }
   }
   const int64_t image = i * b.oh * b.ow + p0;
-  RunProduct(*Product(p1 - p0, e, b.out, b.type, 0, b.residual), b.project_kernel,
+  RunProduct(*Product(p1 - p0, e, b.out, b.type, b.residual), b.project_kernel,
              d + p0 * e, b.project_bias,
              b.residual ? static_cast<const void*>(b.x + image * b.cin) : nullptr,
              b.y + image * b.out);
@@ -728,8 +643,8 @@ std::string RunBlock(const Block<T>& b) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < b.n; ++i) {
       try {
-        T* d = reinterpret_cast<T*>(ThreadBuffer(3, b.oh * b.ow * b.e * sizeof(T)));
-        float* pooled = reinterpret_cast<float*>(ThreadBuffer(4, pool * sizeof(float)));
+        T* d = reinterpret_cast<T*>(ThreadBuffer(kDepthwise, b.oh * b.ow * b.e * sizeof(T)));
+        float* pooled = reinterpret_cast<float*>(ThreadBuffer(kPooled, pool * sizeof(float)));
         std::fill(pooled, pooled + pool, 0.f);
         ExpandDepthwise(b, i, 0, b.oh, d, pooled);
         if (b.squeeze) Gate(b, pooled, pooled + b.e);
@@ -743,7 +658,7 @@ std::string RunBlock(const Block<T>& b) {
     // Fewer images than threads: each image's rows split between threads, which sum their
     // channels apart, meet, then each gates and projects its own rows.
     const int64_t parts = std::min<int64_t>(threads / b.n, b.oh), items = b.n * parts;
-    T* maps = reinterpret_cast<T*>(ThreadBuffer(3, b.n * b.oh * b.ow * b.e * sizeof(T)));
+    T* maps = reinterpret_cast<T*>(ThreadBuffer(kMaps, b.n * b.oh * b.ow * b.e * sizeof(T)));
     std::vector<float> sums(items * pool, 0.f);
     SpinBarrier barrier(items);
 #pragma omp parallel num_threads(items)
@@ -849,6 +764,8 @@ ffi::Error Mbconv(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
   memory::data_type type;
   if (!ToDnnl(x.element_type(), &type) || y->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("ej_onednn_mbconv: x and y must share bf16 or f32");
+  if (activation < 0 || activation >= kActivations || stride < 1)
+    return ffi::Error::InvalidArgument("ej_onednn_mbconv: unknown activation or stride");
   if (type == memory::data_type::bf16)
     return MbconvImpl<uint16_t>(x, expand_kernel, expand_bias, dw_kernel, dw_bias, se_reduce,
                                 se_reduce_bias, se_expand, se_expand_bias, project_kernel,
@@ -957,8 +874,8 @@ struct Head {
 // The head's 1x1 conv over pixels [p0, p1) of one image, activated, summed into `sums` (out).
 template <typename T>
 void HeadRows(const Head& hd, const T* in, int64_t p0, int64_t p1, float* sums) {
-  T* buf = reinterpret_cast<T*>(ThreadBuffer(5, (p1 - p0) * hd.out * sizeof(T)));
-  RunProduct(*Product(p1 - p0, hd.cin, hd.out, hd.type, 0, false), hd.kernel,
+  T* buf = reinterpret_cast<T*>(ThreadBuffer(kDense, (p1 - p0) * hd.out * sizeof(T)));
+  RunProduct(*Product(p1 - p0, hd.cin, hd.out, hd.type, false), hd.kernel,
              in + p0 * hd.cin, hd.bias, nullptr, buf);
   for (int64_t p = 0; p < p1 - p0; ++p) {
     const T* row = buf + p * hd.out;
@@ -989,10 +906,10 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < n; ++i) {
       try {
-        T* a = reinterpret_cast<T*>(ThreadBuffer(6, largest * sizeof(T)));
-        T* c = reinterpret_cast<T*>(ThreadBuffer(7, largest * sizeof(T)));
-        T* d = reinterpret_cast<T*>(ThreadBuffer(3, widest * sizeof(T)));
-        float* pooled = reinterpret_cast<float*>(ThreadBuffer(4, pool * sizeof(float)));
+        T* a = reinterpret_cast<T*>(ThreadBuffer(kMapA, largest * sizeof(T)));
+        T* c = reinterpret_cast<T*>(ThreadBuffer(kMapB, largest * sizeof(T)));
+        T* d = reinterpret_cast<T*>(ThreadBuffer(kDepthwise, widest * sizeof(T)));
+        float* pooled = reinterpret_cast<float*>(ThreadBuffer(kPooled, pool * sizeof(float)));
         StemRows(stem, images + i * image_in, a, 0, stem.oh);
         for (Block<T> b : blocks) {
           b.x = a, b.y = c;
@@ -1014,9 +931,9 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
   }
   // Fewer images than threads: rows split, the maps of every image shared.
   const int64_t parts = std::max<int64_t>(1, threads / n), items = n * parts;
-  T* a = reinterpret_cast<T*>(ThreadBuffer(6, n * largest * sizeof(T)));
-  T* c = reinterpret_cast<T*>(ThreadBuffer(7, n * largest * sizeof(T)));
-  T* d = reinterpret_cast<T*>(ThreadBuffer(8, n * widest * sizeof(T)));
+  T* a = reinterpret_cast<T*>(ThreadBuffer(kMapA, n * largest * sizeof(T)));
+  T* c = reinterpret_cast<T*>(ThreadBuffer(kMapB, n * largest * sizeof(T)));
+  T* d = reinterpret_cast<T*>(ThreadBuffer(kMaps, n * widest * sizeof(T)));
   std::vector<float> sums(items * std::max(pool, head.out));
   const int64_t stride_sums = std::max(pool, head.out);
   SpinBarrier barrier(items);
@@ -1171,7 +1088,7 @@ ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_
     std::vector<float> pooled(n * features);
     std::string error = RunNetwork<T>(n, images.typed_data(), stem, blocks, head, pooled.data());
     if (!error.empty()) return Failed("network: " + error);
-    RunProduct(*Product(n, features, classes, f32, 0, false), classifier.typed_data(),
+    RunProduct(*Product(n, features, classes, f32, false), classifier.typed_data(),
                pooled.data(), classifier_bias.typed_data(), nullptr, logits->typed_data());
   } catch (const dnnl::error& e) {
     return Failed(std::string("network: ") + e.what());
@@ -1185,6 +1102,10 @@ ffi::Error Network(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kern
                    ffi::Buffer<ffi::F32> classifier_bias, ffi::RemainingArgs params,
                    ffi::Result<ffi::Buffer<ffi::F32>> logits, ffi::Span<const int64_t> config,
                    int64_t stem_stride, int64_t activation, int64_t strip_bytes, bool bf16) {
+  if (activation < 0 || activation >= kActivations || stem_stride < 1)
+    return ffi::Error::InvalidArgument("ej_onednn_network: unknown activation or stem stride");
+  for (size_t j = 4; j < config.size(); j += kBlockConfig)
+    if (config[j] < 1) return ffi::Error::InvalidArgument("ej_onednn_network: a block's stride");
   if (bf16)
     return NetworkImpl<uint16_t>(images, stem_kernel, stem_bias, top_kernel, top_bias, classifier,
                                  classifier_bias, params, logits, config, stem_stride, activation,
@@ -1217,20 +1138,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
                                   .Attr<bool>("residual")
                                   .Attr<int64_t>("strip_bytes"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnConv, ConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right")
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("activation"));
-
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnNetwork, Network,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -1252,14 +1159,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnPack, Pack,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::U8>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnDense, Dense,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("activation"));
 
 // Bytes of a (k, n) kernel packed for oneDNN's products (bf16 if `bf16`, else f32); -1 if
 // oneDNN cannot make such a product.
