@@ -11,9 +11,9 @@ Where JAX has one CPU device per core (`xla_cpu.use_one_device_per_core()`, whic
 CLI calls), a CPU batch is split across them: each core runs its share as a stream of its own
 (`shard_map`), which beats one stream whose every op is split across the cores.
 
-A bfloat16 EfficientNet on a CPU with AMX or AVX512_BF16 runs its convolutions on oneDNN
-(`onednn.py`, the optional `onednn` extra), folded the same way, as one stream that oneDNN
-threads itself. What was measured, and what was rejected, is in docs/performance.md.
+Where the optional `onednn` extra's extension loads, an EfficientNet runs folded the same way but
+as one native call for the whole batch (`onednn.py`): float32 on a CPU with AVX-512, bfloat16 on
+one with AMX or AVX512_BF16, its 1x1 convs on oneDNN. What was measured, and what was rejected, is in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -40,10 +40,6 @@ CPU_STAGE_CHUNKS = ((28, 2), (0, CPU_CHUNK_SIZE))
 # one image at a time through the high-resolution steps. B0, batch 32, 224 px, two streams on the
 # 2-core Xeon VM: 152-157 img/s against 143-150 with the table above.
 CPU_STAGE_CHUNKS_PER_CORE = ((28, 1), (0, CPU_CHUNK_SIZE))
-# The bfloat16 path on oneDNN (`onednn.py`), whose primitives block for the cache and thread
-# themselves: up to 32 images at once, one stream. B0 at batch 32 on the 2-core Xeon VM: 185-200
-# img/s, against 154 with CPU_STAGE_CHUNKS and 176 in chunks of 16; two streams 191-198.
-ONEDNN_STAGE_CHUNKS = ((0, 32),)
 
 
 def default_chunk_size() -> int | None:
@@ -71,8 +67,8 @@ def uses_onednn(model: nn.Module) -> bool:
   return onednn.load() is not None
 
 
-def stage_chunk(side: int, per_core: bool = False, table=None) -> int:
-  table = table or (CPU_STAGE_CHUNKS_PER_CORE if per_core else CPU_STAGE_CHUNKS)
+def stage_chunk(side: int, per_core: bool = False) -> int:
+  table = CPU_STAGE_CHUNKS_PER_CORE if per_core else CPU_STAGE_CHUNKS
   return next(chunk for min_side, chunk in table if side >= min_side)
 
 
@@ -134,11 +130,11 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
       padding dropped from the outputs.
     fold_bn: run an EfficientNet with BatchNorm folded into its convs (`folding.py`) and, with
       chunk_size 'auto', per-resolution chunks; 'auto' does so where `can_fold(model)` (CPU
-      convs, float32, logits) with chunk_size 'auto'. Same values as `apply`. A bfloat16
-      EfficientNet folds too and runs its convs on oneDNN where `uses_onednn(model)` (the
-      optional extension, a CPU with AMX or AVX512_BF16): bfloat16's rounding of `apply`'s
-      values, one stream. The folded weights are kept for the next call with the same variables
-      (the same arrays), so serving folds once.
+      convs, float32, logits) with chunk_size 'auto'. Same values as `apply`. Where
+      `uses_onednn(model)` (the optional extension; float32 on a CPU with AVX-512, bfloat16 on
+      one with AMX or AVX512_BF16) the folded network runs as one native call (`onednn.py`):
+      `apply`'s values to float32's rounding, or bfloat16's. The folded weights are kept for the
+      next call with the same variables (the same arrays), so serving folds once.
     cores: on CPU, a batch of at least as many images is split across this many CPU devices, one
       stream each (`cpu_core_devices`); 'auto' takes one per usable core where JAX has that
       many CPU devices (`xla_cpu.use_one_device_per_core()`), 1 keeps a single stream. The
@@ -148,7 +144,9 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
   if fold_bn is True and not (can_fold(model) or dnnl):
     raise ValueError(
         f'fold_bn=True needs a float32 EfficientNet classifier with CPU convs, or a bfloat16 one '
-        f'with the oneDNN extension; got {type(model).__name__}. Use fold_bn=False (or "auto").')
+        f'with the oneDNN extension on a CPU with AMX or AVX512_BF16; got '
+        f'{type(model).__name__} ({jnp.dtype(getattr(model, "dtype", jnp.float32)).name}). '
+        f'Use fold_bn=False (or "auto").')
   auto_fold = fold_bn == 'auto' and chunk_size == 'auto' and (can_fold(model) or dnnl)
   per_stage = chunk_size == 'auto' and jax.default_backend() == 'cpu'
   if chunk_size == 'auto':
@@ -171,9 +169,8 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
   if fold_bn is True or auto_fold:
     steps = onednn.folded_steps(model) if dnnl else folding.folded_steps(model)
   dnnl = dnnl and steps is not None  # unfolded (a chunk size given), XLA runs it
-  table = ONEDNN_STAGE_CHUNKS if dnnl else None
   devices = cpu_core_devices(cores)
-  if dnnl:  # oneDNN threads each op across the cores itself
+  if dnnl:  # one call for the whole batch, which blocks for the cache and threads itself
     devices = []
   # Folding rescales every kernel (1.6 ms for B0, more than a tenth of a batch of one), so it
   # runs as a program of its own, once per set of variables.
@@ -187,7 +184,8 @@ def make_inference_fn(model: nn.Module, chunk_size: int | None | str = 'auto',
     groups, side = [], images.shape[1]
     for _, stride, step in steps:
       side = -(-side // stride)
-      chunk = stage_chunk(side, per_core, table) if per_stage else (chunk_size or batch)
+      chunk = (batch if dnnl else stage_chunk(side, per_core) if per_stage
+               else (chunk_size or batch))
       if groups and groups[-1][0] == chunk:
         groups[-1][1].append(step)
       else:
