@@ -242,7 +242,9 @@ def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
     return pack(q['kernel'].reshape(q['kernel'].shape[-2:]).astype(x.dtype))
   args = [x]
   if 'expand_conv' in p:
-    args += [packed(p['expand_conv']), f32(p['expand_conv']['bias'])]
+    args += [_expand_kernel({**p['expand_conv'],
+                             'kernel': p['expand_conv']['kernel'].astype(x.dtype)}),
+             f32(p['expand_conv']['bias'])]
   else:
     args += [jnp.zeros((1,), jnp.uint8), none[0]]
   args += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
@@ -266,6 +268,19 @@ def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str) -> ja
   return mbconv(x, p, stride, activation, residual)
 
 
+# Expand convs with at most this many input channels run on the extension's own loop (the float32
+# kernel), fused with their activation; wider ones as oneDNN products (their packed kernel).
+# B0's first two expands (16 and 24 channels in) measured faster that way: see docs/performance.md.
+OWN_EXPAND_CHANNELS = 24
+
+
+def _expand_kernel(q: dict) -> jax.Array:
+  kernel = q['kernel']
+  if kernel.shape[-2] <= OWN_EXPAND_CHANNELS:
+    return kernel.reshape(kernel.shape[-2:]).astype(jnp.float32)
+  return q['packed'] if 'packed' in q else pack(kernel.reshape(kernel.shape[-2:]))
+
+
 def network(model: EfficientNet, folded: dict, images: jax.Array,
             strip_bytes: int = 0) -> jax.Array:
   """Logits (N, classes) float32 of `model` from `fold`'s parameters on float32 NHWC images: the
@@ -285,7 +300,7 @@ def network(model: EfficientNet, folded: dict, images: jax.Array,
       residual = args.skip == 'identity' and has_residual(stride, channels, out)
       ses = p['se_reduce']['kernel'].shape[-1] if squeeze else 0
       config += [channels, e, out, k, stride, int(expand), int(squeeze), int(residual), ses]
-      params += ([p['expand_conv']['packed'], f32(p['expand_conv']['bias'])] if expand
+      params += ([_expand_kernel(p['expand_conv']), f32(p['expand_conv']['bias'])] if expand
                  else [jnp.zeros((0,), jnp.uint8), empty])
       params += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
       se = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))

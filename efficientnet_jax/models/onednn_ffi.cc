@@ -538,7 +538,43 @@ struct Block {
   const float *expand_bias, *se_reduce, *se_reduce_bias, *se_expand, *se_expand_bias,
       *project_bias;
   const void *expand_kernel, *project_kernel;  // packed
+  const float* expand_plain;  // or the expand kernel (cin, e) in float32, for ExpandPixels
 };
+
+// act(x @ w + bias) for `pixels` pixels of a few input channels (a float32 (cin, e) kernel):
+// the expand convs whose input is too narrow for a product to pay (oneDNN's, plus a pass for the
+// activation, cost more there). Each pixel's outputs are 8 vectors at a time.
+template <int J, typename T>
+inline void ExpandChannels(const T* px, int64_t cin, int64_t e, int64_t cb, const float* w,
+                           const float* bias, int64_t activation, T* out) {
+  V16 acc[J];
+  for (int j = 0; j < J; ++j) acc[j] = Load(bias + cb + 16 * j);
+  for (int64_t ci = 0; ci < cin; ++ci) {
+    const V16 v = Splat(ToFloat(px[ci]));
+    const float* row = w + ci * e + cb;
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) acc[j] += v * Load(row + 16 * j);
+  }
+  for (int j = 0; j < J; ++j) Store(out + cb + 16 * j, Activate<T>(acc[j], activation));
+}
+
+template <typename T>
+void ExpandPixels(const T* x, int64_t pixels, int64_t cin, int64_t e, const float* w,
+                  const float* bias, int64_t activation, T* out) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T* px = x + p * cin;
+    T* o = out + p * e;
+    int64_t cb = 0;
+    for (; cb + 128 <= e; cb += 128) ExpandChannels<8>(px, cin, e, cb, w, bias, activation, o);
+    for (; cb + 64 <= e; cb += 64) ExpandChannels<4>(px, cin, e, cb, w, bias, activation, o);
+    for (; cb + 16 <= e; cb += 16) ExpandChannels<1>(px, cin, e, cb, w, bias, activation, o);
+    for (; cb < e; ++cb) {  // fewer than 16 channels left
+      float acc = bias[cb];
+      for (int64_t ci = 0; ci < cin; ++ci) acc += ToFloat(px[ci]) * w[ci * e + cb];
+      FromFloat(o + cb, Activate(acc, activation));
+    }
+  }
+}
 
 // Depthwise output rows [oy_lo, oy_hi) of image i into d (its (oh, ow, e) map), with their
 // channel sums added to `pooled`. Expanded blocks go strip by strip: the input rows a strip needs
@@ -568,18 +604,25 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
       first = keep_hi;
     }
     if (hi > first) {
-      // The product into a dense buffer (oneDNN's fast products want dense rows), then each
-      // row activated into place between its zero columns.
       T* rows = held + (first - lo) * pitch;
       const int64_t count = hi - first, row = b.w * b.e;
-      T* dense = reinterpret_cast<T*>(ThreadBuffer(kDense, count * row * sizeof(T)));
-      RunProduct(*Product(count * b.w, b.cin, b.e, b.type, false), b.expand_kernel,
-                 xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
+      T* dense = nullptr;
+      if (!b.expand_plain) {
+        // oneDNN's product into a dense buffer (its fast products want dense rows), then each
+        // row activated into place between its zero columns.
+        dense = reinterpret_cast<T*>(ThreadBuffer(kDense, count * row * sizeof(T)));
+        RunProduct(*Product(count * b.w, b.cin, b.e, b.type, false), b.expand_kernel,
+                   xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
+      }
       for (int64_t r = 0; r < count; ++r) {
         T* to = rows + r * pitch;
         std::memset(to, 0, x0 * b.e * sizeof(T));
         std::memset(to + x0 * b.e + row, 0, (in_w - x0 - b.w) * b.e * sizeof(T));
-        Activate(dense + r * row, to + x0 * b.e, row, b.activation);
+        if (dense)
+          Activate(dense + r * row, to + x0 * b.e, row, b.activation);
+        else
+          ExpandPixels(xi + (first + r) * b.w * b.cin, b.w, b.cin, b.e, b.expand_plain,
+                       b.expand_bias, b.activation, to + x0 * b.e);
       }
     }
     held_lo = lo;
@@ -695,7 +738,7 @@ std::string RunBlock(const Block<T>& b) {
 }
 
 template <typename T>
-ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
+ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
                       ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
                       ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
                       ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
@@ -718,8 +761,11 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
       (squeeze && (se_reduce.dimensions()[0] != b.e || se_expand.dimensions()[1] != b.e)))
     return ffi::Error::InvalidArgument("ej_onednn_mbconv: inconsistent shapes");
   try {
-    if ((expand && static_cast<size_t>(expand_kernel.element_count()) !=
-                       PackedLayout(b.cin, b.e, type).get_size()) ||
+    const bool plain = expand_kernel.element_type() == ffi::DataType::F32;
+    if ((expand && (plain ? static_cast<int64_t>(expand_kernel.element_count()) != b.cin * b.e
+                          : expand_kernel.element_type() != ffi::DataType::U8 ||
+                                static_cast<size_t>(expand_kernel.element_count()) !=
+                                    PackedLayout(b.cin, b.e, type).get_size())) ||
         static_cast<size_t>(project_kernel.element_count()) !=
             PackedLayout(b.e, b.out, type).get_size())
       return ffi::Error::InvalidArgument(
@@ -737,7 +783,10 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
   b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - stride)) / stride);
   b.x = static_cast<const T*>(x.untyped_data());
   b.y = static_cast<T*>(y->untyped_data());
-  b.expand_kernel = expand_kernel.typed_data();
+  b.expand_kernel = expand_kernel.untyped_data();
+  b.expand_plain = expand && expand_kernel.element_type() == ffi::DataType::F32
+                       ? static_cast<const float*>(expand_kernel.untyped_data())
+                       : nullptr;
   b.project_kernel = project_kernel.typed_data();
   b.expand_bias = expand_bias.typed_data();
   b.se_reduce = se_reduce.typed_data(), b.se_reduce_bias = se_reduce_bias.typed_data();
@@ -753,7 +802,7 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
   return ffi::Error::Success();
 }
 
-ffi::Error Mbconv(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> expand_kernel,
+ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
                   ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
                   ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
                   ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
@@ -1053,7 +1102,13 @@ ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_
                                      std::to_string(index) + ": wrong size"));
         return buffer->untyped_data();
       };
-      const int64_t expand_bytes = b.expand ? PackedLayout(b.cin, b.e, type).get_size() : -1;
+      // The expand kernel: packed bytes for oneDNN, or float32 (cin, e) for ExpandPixels.
+      auto first = params.get<ffi::AnyBuffer>(j * kBlockArgs);
+      if (!first.has_value()) return first.error();
+      const bool plain = b.expand && first->element_type() == ffi::DataType::F32;
+      const int64_t expand_bytes = !b.expand ? -1
+                                   : plain   ? b.cin * b.e
+                                             : PackedLayout(b.cin, b.e, type).get_size();
       const int64_t project_bytes = PackedLayout(b.e, b.out, type).get_size();
       const int64_t se = b.squeeze ? b.ses : -1, se_e = b.squeeze ? b.e : -1;
       const int64_t counts[kBlockArgs] = {expand_bytes, b.expand ? b.e : -1, b.k * b.k * b.e,
@@ -1066,6 +1121,7 @@ ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_
         p[q] = *got;
       }
       b.expand_kernel = p[0], b.expand_bias = static_cast<const float*>(p[1]);
+      b.expand_plain = plain ? static_cast<const float*>(p[0]) : nullptr;
       b.dw.kernel = static_cast<const float*>(p[2]), b.dw.bias = static_cast<const float*>(p[3]);
       b.se_reduce = static_cast<const float*>(p[4]), b.se_reduce_bias = static_cast<const float*>(p[5]);
       b.se_expand = static_cast<const float*>(p[6]), b.se_expand_bias = static_cast<const float*>(p[7]);
@@ -1120,7 +1176,7 @@ ffi::Error Network(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kern
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
