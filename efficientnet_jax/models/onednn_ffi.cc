@@ -675,6 +675,21 @@ void Project(const Block<T>& b, int64_t i, int64_t p0, int64_t p1, T* d, const f
              b.y + image * b.out);
 }
 
+// Derived sizes of a block whose shapes and parameter pointers are set; the strip of rows.
+template <typename T>
+void Shape(Block<T>& b, int64_t strip_bytes) {
+  const int64_t pad_h = std::max<int64_t>((b.oh - 1) * b.stride + b.k - b.h, 0);
+  const int64_t pad_w = std::max<int64_t>((b.ow - 1) * b.stride + b.k - b.w, 0);
+  b.dw.h = b.h, b.dw.w = b.w, b.dw.c = b.e, b.dw.oh = b.oh, b.dw.ow = b.ow, b.dw.k = b.k;
+  b.dw.stride = b.stride, b.dw.pad_top = pad_h / 2, b.dw.pad_left = pad_w / 2;
+  b.dw.activation = b.activation;
+  b.dw.in_w = b.expand ? b.w + pad_w : b.w;
+  b.dw.x0 = b.expand ? pad_w / 2 : 0;
+  const int64_t row_bytes = b.dw.in_w * b.e * sizeof(T);
+  const int64_t budget = strip_bytes > 0 ? strip_bytes : kStripBytes;
+  b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - b.stride)) / b.stride);
+}
+
 // Runs one block over every image; returns oneDNN's error, if any.
 template <typename T>
 std::string RunBlock(const Block<T>& b) {
@@ -750,7 +765,7 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
   if (xd.size() != 4 || dd.size() != 3 || yd.size() != 4 || dd[0] != dd[1])
     return ffi::Error::InvalidArgument(
         "ej_onednn_mbconv: x and y (N, H, W, C), the depthwise kernel (k, k, E)");
-  Block<T> b;
+  Block<T> b{};
   b.n = xd[0], b.h = xd[1], b.w = xd[2], b.cin = xd[3], b.k = dd[0], b.e = dd[2];
   b.out = yd[3], b.oh = yd[1], b.ow = yd[2], b.stride = stride, b.activation = activation;
   b.expand = expand, b.squeeze = squeeze, b.residual = residual, b.type = type;
@@ -773,14 +788,9 @@ ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
   } catch (const dnnl::error& err) {
     return Failed(std::string("mbconv: ") + err.what());
   }
-  const int64_t pad_h = std::max<int64_t>((b.oh - 1) * stride + b.k - b.h, 0);
-  const int64_t pad_w = std::max<int64_t>((b.ow - 1) * stride + b.k - b.w, 0);
-  b.dw = DwArgs{b.h, b.w, b.e, b.oh, b.ow, b.k, stride, pad_h / 2, pad_w / 2, activation,
-                dw_kernel.typed_data(), dw_bias.typed_data(),
-                expand ? b.w + pad_w : b.w, expand ? pad_w / 2 : 0};
-  const int64_t row_bytes = b.dw.in_w * b.e * sizeof(T);
-  const int64_t budget = strip_bytes > 0 ? strip_bytes : kStripBytes;
-  b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - stride)) / stride);
+  b.dw.kernel = dw_kernel.typed_data();
+  b.dw.bias = dw_bias.typed_data();
+  Shape(b, strip_bytes);
   b.x = static_cast<const T*>(x.untyped_data());
   b.y = static_cast<T*>(y->untyped_data());
   b.expand_kernel = expand_kernel.untyped_data();
@@ -832,21 +842,6 @@ ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
 // maps stay in its core's cache from the stem to the pooling, and no thread waits on another);
 // with fewer, the threads split each map's rows and meet twice per block (after the depthwise,
 // for squeeze-excite's sums, and after the project, whose rows the next block's taps share).
-
-// Derived sizes of a block whose shapes and parameter pointers are set; the strip of rows.
-template <typename T>
-void Shape(Block<T>& b, int64_t strip_bytes) {
-  const int64_t pad_h = std::max<int64_t>((b.oh - 1) * b.stride + b.k - b.h, 0);
-  const int64_t pad_w = std::max<int64_t>((b.ow - 1) * b.stride + b.k - b.w, 0);
-  b.dw.h = b.h, b.dw.w = b.w, b.dw.c = b.e, b.dw.oh = b.oh, b.dw.ow = b.ow, b.dw.k = b.k;
-  b.dw.stride = b.stride, b.dw.pad_top = pad_h / 2, b.dw.pad_left = pad_w / 2;
-  b.dw.activation = b.activation;
-  b.dw.in_w = b.expand ? b.w + pad_w : b.w;
-  b.dw.x0 = b.expand ? pad_w / 2 : 0;
-  const int64_t row_bytes = b.dw.in_w * b.e * sizeof(T);
-  const int64_t budget = strip_bytes > 0 ? strip_bytes : kStripBytes;
-  b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - b.stride)) / b.stride);
-}
 
 struct Stem {
   int64_t h, w, cin, out, oh, ow, k, stride, pad_top, pad_left, activation;
