@@ -20,9 +20,10 @@ for ONNX in OpenVINO instead of ONNX Runtime), with the preprocessing from its `
 same crop and resize, and the normalisation inside the artifact. That is how to check an export
 on your own photos.
 
-`--dtype=bfloat16` runs a checkpoint with bfloat16 activations: on a CPU with AMX or AVX512_BF16
-and the `onednn` extra its convolutions run on oneDNN (`models/onednn.py`), else on XLA. The real
-Lite0 weights keep float32's top-1 on skimage's photos (logits within 3% of the largest).
+`--dtype=bfloat16` runs a checkpoint with bfloat16 activations. With the `onednn` extra the
+network runs as one native call (`models/onednn.py`): bfloat16 on a CPU with AMX or AVX512_BF16,
+float32 on one with AVX-512; else on XLA. The real Lite0 weights keep float32's top-1 on
+skimage's photos in bfloat16 (logits within 2% of the largest).
 
 From Python (the notebook does this):
 
