@@ -138,7 +138,7 @@ def test_mbconv_follows_new_kernel_values():
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('size', [72, 67])
+@pytest.mark.parametrize('size', [72, 67, 160])  # 160: a first map too big to share
 def test_network_on_onednn_equals_float32(dtype, size):
   """A small B0 (stride 2 at even and odd sizes, SE everywhere) through `make_inference_fn` as
   one oneDNN call: float32's logits, to float32's rounding in float32 and within bfloat16's in

@@ -83,6 +83,7 @@ enum Slot {
   kMapA,        // the network's maps, ping and pong
   kMapB,
   kMaps,        // the depthwise outputs of every image, when threads split the rows
+  kExpanded,    // small expanded maps, whole, when threads split the rows
   kSlots
 };
 
@@ -495,6 +496,10 @@ ffi::Error Pack(ffi::AnyBuffer kernel, ffi::Result<ffi::Buffer<ffi::U8>> packed)
 // The default budget for a strip of expanded rows: with the depthwise output and the kernels,
 // well within a core's L2.
 constexpr int64_t kStripBytes = 512 * 1024;
+// With threads splitting an image's rows, an expanded map up to this size is made whole, each
+// thread its own rows, rather than in strips (where the rows both threads' taps need are expanded
+// by both: at 7x7 under a 5x5 kernel, 11 rows for 7).
+constexpr int64_t kSharedExpandBytes = 1024 * 1024;
 
 // A barrier for the threads of one parallel region that spins (then yields) rather than sleeps:
 // OpenMP's own sleeps almost at once once the process has more OpenMP threads than CPUs (each
@@ -576,6 +581,31 @@ void ExpandPixels(const T* x, int64_t pixels, int64_t cin, int64_t e, const floa
   }
 }
 
+// Input rows [first, first + count) of image `xi` expanded and activated into `rows` (rows of
+// dw.in_w pixels, the depthwise padding as zero columns either side).
+template <typename T>
+void ExpandInto(const Block<T>& b, const T* xi, int64_t first, int64_t count, T* rows) {
+  const int64_t in_w = b.dw.in_w, x0 = b.dw.x0, pitch = in_w * b.e, row = b.w * b.e;
+  T* dense = nullptr;
+  if (!b.expand_plain) {
+    // oneDNN's product into a dense buffer (its fast products want dense rows), then each row
+    // activated into place between its zero columns.
+    dense = reinterpret_cast<T*>(ThreadBuffer(kDense, count * row * sizeof(T)));
+    RunProduct(*Product(count * b.w, b.cin, b.e, b.type, false), b.expand_kernel,
+               xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
+  }
+  for (int64_t r = 0; r < count; ++r) {
+    T* to = rows + r * pitch;
+    std::memset(to, 0, x0 * b.e * sizeof(T));
+    std::memset(to + x0 * b.e + row, 0, (in_w - x0 - b.w) * b.e * sizeof(T));
+    if (dense)
+      Activate(dense + r * row, to + x0 * b.e, row, b.activation);
+    else
+      ExpandPixels(xi + (first + r) * b.w * b.cin, b.w, b.cin, b.e, b.expand_plain,
+                   b.expand_bias, b.activation, to + x0 * b.e);
+  }
+}
+
 // Depthwise output rows [oy_lo, oy_hi) of image i into d (its (oh, ow, e) map), with their
 // channel sums added to `pooled`. Expanded blocks go strip by strip: the input rows a strip needs
 // are expanded into a buffer with the depthwise padding as zero columns around each row (all
@@ -603,28 +633,7 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
         std::memmove(held, held + (keep_lo - held_lo) * pitch, (keep_hi - keep_lo) * pitch * sizeof(T));
       first = keep_hi;
     }
-    if (hi > first) {
-      T* rows = held + (first - lo) * pitch;
-      const int64_t count = hi - first, row = b.w * b.e;
-      T* dense = nullptr;
-      if (!b.expand_plain) {
-        // oneDNN's product into a dense buffer (its fast products want dense rows), then each
-        // row activated into place between its zero columns.
-        dense = reinterpret_cast<T*>(ThreadBuffer(kDense, count * row * sizeof(T)));
-        RunProduct(*Product(count * b.w, b.cin, b.e, b.type, false), b.expand_kernel,
-                   xi + first * b.w * b.cin, b.expand_bias, nullptr, dense);
-      }
-      for (int64_t r = 0; r < count; ++r) {
-        T* to = rows + r * pitch;
-        std::memset(to, 0, x0 * b.e * sizeof(T));
-        std::memset(to + x0 * b.e + row, 0, (in_w - x0 - b.w) * b.e * sizeof(T));
-        if (dense)
-          Activate(dense + r * row, to + x0 * b.e, row, b.activation);
-        else
-          ExpandPixels(xi + (first + r) * b.w * b.cin, b.w, b.cin, b.e, b.expand_plain,
-                       b.expand_bias, b.activation, to + x0 * b.e);
-      }
-    }
+    if (hi > first) ExpandInto(b, xi, first, hi - first, held + (first - lo) * pitch);
     held_lo = lo;
     held_hi = hi;
     DepthwiseRows(b.dw, held, lo, oy0, oy1, d, pooled);
@@ -978,6 +987,11 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
   T* a = reinterpret_cast<T*>(ThreadBuffer(kMapA, n * largest * sizeof(T)));
   T* c = reinterpret_cast<T*>(ThreadBuffer(kMapB, n * largest * sizeof(T)));
   T* d = reinterpret_cast<T*>(ThreadBuffer(kMaps, n * widest * sizeof(T)));
+  int64_t shared_expand = 0;  // the largest expanded map shared between threads
+  for (const Block<T>& b : blocks)
+    if (b.expand && b.h * b.dw.in_w * b.e * sizeof(T) <= kSharedExpandBytes)
+      shared_expand = std::max(shared_expand, b.h * b.dw.in_w * b.e);
+  T* expanded = reinterpret_cast<T*>(ThreadBuffer(kExpanded, n * shared_expand * sizeof(T)));
   std::vector<float> sums(items * std::max(pool, head.out));
   const int64_t stride_sums = std::max(pool, head.out);
   SpinBarrier barrier(items);
@@ -999,10 +1013,22 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
     barrier.Wait();
     for (Block<T> b : blocks) {
       b.x = from, b.y = to;
-      rows(b.oh, &lo, &hi);
       std::fill(mine, mine + pool, 0.f);
       try {
-        if (error.empty() && lo < hi) ExpandDepthwise(b, 0, lo, hi, di, mine);
+        if (b.expand && b.h * b.dw.in_w * b.e * sizeof(T) <= kSharedExpandBytes) {
+          // A small map: the threads expand disjoint rows of the whole map, meet, then each
+          // runs the depthwise conv over its output rows (no rows expanded twice).
+          T* map = expanded + i * shared_expand;
+          rows(b.h, &lo, &hi);
+          if (error.empty() && lo < hi)
+            ExpandInto(b, from, lo, hi - lo, map + lo * b.dw.in_w * b.e);
+          barrier.Wait();
+          rows(b.oh, &lo, &hi);
+          if (error.empty() && lo < hi) DepthwiseRows(b.dw, map, 0, lo, hi, di, mine);
+        } else {
+          rows(b.oh, &lo, &hi);
+          if (error.empty() && lo < hi) ExpandDepthwise(b, 0, lo, hi, di, mine);
+        }
       } catch (const std::exception& e) {
         failed(e);
       }
