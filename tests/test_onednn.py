@@ -213,6 +213,9 @@ def test_disabled_by_environment(monkeypatch, caplog):
     assert onednn.load() is None
     assert onednn.load() is None
   assert len(caplog.records) == 1 and 'EFFICIENTNET_JAX_ONEDNN=0' in caplog.text
+  # Asked for anyway, the path says why it cannot run.
+  with pytest.raises(onednn.OnednnUnavailable, match='EFFICIENTNET_JAX_ONEDNN=0'):
+    onednn.pack(jnp.zeros((8, 16), jnp.float32))
 
 
 def test_build_failure_says_why(monkeypatch, tmp_path):

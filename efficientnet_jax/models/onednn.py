@@ -189,7 +189,10 @@ def pack(kernel: jax.Array) -> jax.Array:
   """A (k, n) bfloat16 or float32 kernel in oneDNN's blocked layout for products (uint8 bytes):
   what `dense` and `mbconv` take, packed once when the parameters are folded."""
   k, n = kernel.shape
-  size = _state['lib'].EjOnednnPackedBytes(k, n, int(kernel.dtype == jnp.bfloat16))
+  lib = load()
+  if lib is None:
+    raise OnednnUnavailable(f"the oneDNN extension is not available: {_state['reason']}")
+  size = lib.EjOnednnPackedBytes(k, n, int(kernel.dtype == jnp.bfloat16))
   if size < 0:
     raise ValueError(f'oneDNN has no product for a {k}x{n} {kernel.dtype} kernel')
   return jax.ffi.ffi_call('ej_onednn_pack', jax.ShapeDtypeStruct((size,), jnp.uint8),
@@ -200,7 +203,8 @@ def pack(kernel: jax.Array) -> jax.Array:
 def fold(model: EfficientNet, variables: Any) -> dict:
   """`folding.fold_batch_norm`'s parameters for this path: the stem kernel in the model's dtype
   (bfloat16 or float32), every 1x1 kernel also packed for oneDNN ('packed', `pack`), the
-  depthwise kernels, biases, SE and the classifier (packed too) in float32. Needs `load()`."""
+  depthwise kernels, biases, SE and the classifier (packed too) in float32. Raises
+  OnednnUnavailable, saying why, without the extension."""
   folded = folding.fold_batch_norm(model, variables)
   dtype = jnp.dtype(model.dtype)
 
