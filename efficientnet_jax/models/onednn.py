@@ -240,10 +240,6 @@ def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
   none = jnp.zeros((1, 1), jnp.float32)
   kernel = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))
 
-  def packed(q):
-    if 'packed' in q:
-      return q['packed']
-    return pack(q['kernel'].reshape(q['kernel'].shape[-2:]).astype(x.dtype))
   args = [x]
   if 'expand_conv' in p:
     args += [_expand_kernel({**p['expand_conv'],
@@ -257,19 +253,15 @@ def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
              f32(p['se_expand']['bias'])]
   else:
     args += [none, none[0], none, none[0]]
-  args += [packed(p['project_conv']), f32(p['project_conv']['bias'])]
+  project = p['project_conv']
+  args += [project['packed'] if 'packed' in project
+           else pack(project['kernel'].reshape(e, out).astype(x.dtype)), f32(project['bias'])]
   oh, ow = -(-h // stride), -(-w // stride)
   call = jax.ffi.ffi_call('ej_onednn_mbconv', jax.ShapeDtypeStruct((n, oh, ow, out), x.dtype),
                           vmap_method='sequential')
   return call(*args, stride=np.int64(stride), activation=np.int64(ACTIVATIONS[activation]),
               expand='expand_conv' in p, squeeze='se_reduce' in p, residual=residual,
               strip_bytes=np.int64(strip_bytes))
-
-
-def _block(p: dict, x: jax.Array, stride: int, skip: str, activation: str) -> jax.Array:
-  out = p['project_conv']['kernel'].shape[-1]
-  residual = skip == 'identity' and has_residual(stride, x.shape[-1], out)
-  return mbconv(x, p, stride, activation, residual)
 
 
 # Expand convs with at most this many input channels run on the extension's own loop (the float32
