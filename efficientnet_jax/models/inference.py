@@ -13,7 +13,8 @@ CLI calls), a CPU batch is split across them: each core runs its share as a stre
 
 Where the optional `onednn` extra's extension loads, an EfficientNet runs folded the same way but
 as one native call for the whole batch (`onednn.py`): float32 on a CPU with AVX-512, bfloat16 on
-one with AMX or AVX512_BF16, its 1x1 convs on oneDNN. What was measured, and what was rejected, is in docs/performance.md.
+one with AMX or AVX512_BF16, its 1x1 convs on oneDNN. What was measured, and what was rejected,
+is in docs/performance.md.
 """
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def supports(model) -> bool:
 # ----------------------------------------------------------------------------- the operations
 def pack(kernel: jax.Array) -> jax.Array:
   """A (k, n) bfloat16 or float32 kernel in oneDNN's blocked layout for products (uint8 bytes):
-  what `dense` and `mbconv` take, packed once when the parameters are folded."""
+  what `network` and `mbconv` take, packed once when the parameters are folded."""
   k, n = kernel.shape
   lib = load()
   if lib is None:
@@ -234,34 +234,13 @@ def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
   'packed' are packed here). `strip_bytes` overrides the cache budget for a strip of the
   expanded map (0: the default, 512 KiB)."""
   n, h, w, _ = x.shape
-  k = p['dwconv']['kernel'].shape[0]
-  e, out = p['project_conv']['kernel'].shape[-2:]
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
-  none = jnp.zeros((1, 1), jnp.float32)
-  kernel = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))
-
-  args = [x]
-  if 'expand_conv' in p:
-    args += [_expand_kernel({**p['expand_conv'],
-                             'kernel': p['expand_conv']['kernel'].astype(x.dtype)}),
-             f32(p['expand_conv']['bias'])]
-  else:
-    args += [jnp.zeros((1,), jnp.uint8), none[0]]
-  args += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
-  if 'se_reduce' in p:
-    args += [kernel(p['se_reduce']), f32(p['se_reduce']['bias']), kernel(p['se_expand']),
-             f32(p['se_expand']['bias'])]
-  else:
-    args += [none, none[0], none, none[0]]
-  project = p['project_conv']
-  args += [project['packed'] if 'packed' in project
-           else pack(project['kernel'].reshape(e, out).astype(x.dtype)), f32(project['bias'])]
+  out = p['project_conv']['kernel'].shape[-1]
   oh, ow = -(-h // stride), -(-w // stride)
   call = jax.ffi.ffi_call('ej_onednn_mbconv', jax.ShapeDtypeStruct((n, oh, ow, out), x.dtype),
                           vmap_method='sequential')
-  return call(*args, stride=np.int64(stride), activation=np.int64(ACTIVATIONS[activation]),
-              expand='expand_conv' in p, squeeze='se_reduce' in p, residual=residual,
-              strip_bytes=np.int64(strip_bytes))
+  return call(x, *_block_args(p, x.dtype), stride=np.int64(stride),
+              activation=np.int64(ACTIVATIONS[activation]), expand='expand_conv' in p,
+              squeeze='se_reduce' in p, residual=residual, strip_bytes=np.int64(strip_bytes))
 
 
 # Expand convs with at most this many input channels run on the extension's own loop (the float32
@@ -270,11 +249,31 @@ def mbconv(x: jax.Array, p: dict, stride: int, activation: str, residual: bool,
 OWN_EXPAND_CHANNELS = 24
 
 
-def _expand_kernel(q: dict) -> jax.Array:
-  kernel = q['kernel']
-  if kernel.shape[-2] <= OWN_EXPAND_CHANNELS:
-    return kernel.reshape(kernel.shape[-2:]).astype(jnp.float32)
-  return q['packed'] if 'packed' in q else pack(kernel.reshape(kernel.shape[-2:]))
+def _block_args(p: dict, dtype) -> list[jax.Array]:
+  """One block's 10 parameters for `onednn_ffi.cc` (its kBlockArgs), from `fold`'s `p`: the
+  expand kernel (packed, or float32 for the extension's own loop, see OWN_EXPAND_CHANNELS) and
+  bias, the depthwise kernel (k, k, e) and bias, SE's two kernels and biases, the project kernel
+  (packed) and bias; empty arrays where the block has no expand or SE. 1x1 kernels not yet
+  packed are packed here, in `dtype`."""
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  empty = jnp.zeros((0,), jnp.float32)
+  matrix = lambda q: q['kernel'].reshape(q['kernel'].shape[-2:])
+  packed = lambda q: q['packed'] if 'packed' in q else pack(matrix(q).astype(dtype))
+  k, e = p['dwconv']['kernel'].shape[0], p['dwconv']['kernel'].shape[-1]
+  args = []
+  if 'expand_conv' in p:
+    q = p['expand_conv']
+    own = matrix(q).shape[0] <= OWN_EXPAND_CHANNELS
+    args += [f32(matrix(q)) if own else packed(q), f32(q['bias'])]
+  else:
+    args += [jnp.zeros((0,), jnp.uint8), empty]
+  args += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
+  if 'se_reduce' in p:
+    args += [f32(matrix(p['se_reduce'])), f32(p['se_reduce']['bias']),
+             f32(matrix(p['se_expand'])), f32(p['se_expand']['bias'])]
+  else:
+    args += [empty] * 4
+  return args + [packed(p['project_conv']), f32(p['project_conv']['bias'])]
 
 
 def network(model: EfficientNet, folded: dict, images: jax.Array,
@@ -283,7 +282,6 @@ def network(model: EfficientNet, folded: dict, images: jax.Array,
   stem, every block, the head's 1x1 conv with its pooling and the classifier as one call
   (`onednn_ffi.cc`), the convolutions in the model's dtype."""
   f32 = lambda v: jnp.asarray(v, jnp.float32)
-  empty = jnp.zeros((0,), jnp.float32)
   config, params = [], []
   channels = folded['stem_conv']['kernel'].shape[-1]
   for stage, (repeats, args) in enumerate(model.stage_plan()):
@@ -296,13 +294,7 @@ def network(model: EfficientNet, folded: dict, images: jax.Array,
       residual = args.skip == 'identity' and has_residual(stride, channels, out)
       ses = p['se_reduce']['kernel'].shape[-1] if squeeze else 0
       config += [channels, e, out, k, stride, int(expand), int(squeeze), int(residual), ses]
-      params += ([_expand_kernel(p['expand_conv']), f32(p['expand_conv']['bias'])] if expand
-                 else [jnp.zeros((0,), jnp.uint8), empty])
-      params += [f32(p['dwconv']['kernel']).reshape(k, k, e), f32(p['dwconv']['bias'])]
-      se = lambda q: f32(q['kernel'].reshape(q['kernel'].shape[-2:]))
-      params += ([se(p['se_reduce']), f32(p['se_reduce']['bias']), se(p['se_expand']),
-                  f32(p['se_expand']['bias'])] if squeeze else [empty] * 4)
-      params += [p['project_conv']['packed'], f32(p['project_conv']['bias'])]
+      params += _block_args(p, model.dtype)
       channels = out
   top, classifier = folded['top_conv'], folded['predictions']
   call = jax.ffi.ffi_call(

@@ -18,7 +18,8 @@
 // never reaches memory whole, and the depthwise output is still in cache for the project product.
 // With at least as many images as threads each thread carries whole images through the network
 // and no thread waits on another; with fewer, the threads split every map's rows and meet at a
-// spinning barrier twice per block. oneDNN's own threading is off inside (nested OpenMP).
+// spinning barrier two or three times per block. oneDNN's own threading is off inside (nested
+// OpenMP).
 //
 // Primitives are created once per shape and kept (a global map under a mutex); buffers and
 // scratchpads are per thread, so calls from several XLA threads may run at once.
@@ -206,7 +207,8 @@ template <typename T>
 inline V16 Sigmoid(V16 x) {
 #ifdef __AVX512F__
   constexpr bool precise = sizeof(T) == 4;
-  const __m512 t = _mm512_mul_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(-1.44269504088896341f));
+  const __m512 t =
+      _mm512_mul_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(-1.44269504088896341f));
   const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, r);
   // 2^f = sum (f ln2)^i / i!, its coefficients with ln2's powers folded in.
@@ -630,7 +632,8 @@ void ExpandDepthwise(const Block<T>& b, int64_t i, int64_t oy_lo, int64_t oy_hi,
     int64_t first = lo;
     if (keep_hi > keep_lo) {
       if (keep_lo != held_lo)
-        std::memmove(held, held + (keep_lo - held_lo) * pitch, (keep_hi - keep_lo) * pitch * sizeof(T));
+        std::memmove(held, held + (keep_lo - held_lo) * pitch,
+                     (keep_hi - keep_lo) * pitch * sizeof(T));
       first = keep_hi;
     }
     if (hi > first) ExpandInto(b, xi, first, hi - first, held + (first - lo) * pitch);
@@ -699,6 +702,137 @@ void Shape(Block<T>& b, int64_t strip_bytes) {
   b.strip = std::max<int64_t>(1, (budget / row_bytes - (b.k - b.stride)) / b.stride);
 }
 
+// Records the first error of a parallel region.
+void Record(std::string* error, const std::exception& e) {
+#pragma omp critical(ej_onednn_error)
+  if (error->empty()) *error = e.what();
+}
+
+// Whether threads splitting an image's rows make this block's expanded map whole together.
+template <typename T>
+bool SharesExpand(const Block<T>& b) {
+  return b.expand && b.h * b.dw.in_w * b.e * sizeof(T) <= kSharedExpandBytes;
+}
+
+// Block b on image i by one thread: its depthwise map in d, channel sums in `pooled` (e + ses).
+template <typename T>
+void WholeBlock(const Block<T>& b, int64_t i, T* d, float* pooled) {
+  std::fill(pooled, pooled + b.e + b.ses, 0.f);
+  ExpandDepthwise(b, i, 0, b.oh, d, pooled);
+  if (b.squeeze) Gate(b, pooled, pooled + b.e);
+  Project(b, i, 0, b.oh * b.ow, d, b.squeeze ? pooled : nullptr);
+}
+
+// Block b on image i by the `part`-th of `parts` threads that split its rows: the depthwise
+// conv by output rows (into the image's map d, channel sums into sums[part * stride]), then,
+// once all have summed, each gates and projects its share of the pixels. `map` (where
+// SharesExpand(b)): the image's whole expanded map, made by the threads together first, each
+// its own input rows; else each expands in strips the rows its taps need. Every thread waits at
+// `barrier` as often whatever fails (errors go to `error`). The caller meets its threads again
+// before the next block reads this one's output.
+template <typename T>
+void SplitBlock(const Block<T>& b, int64_t i, int64_t part, int64_t parts, T* map, T* d,
+                float* sums, int64_t stride, SpinBarrier& barrier, std::string* error) {
+  auto share = [&](int64_t count, int64_t* lo, int64_t* hi) {
+    *lo = count * part / parts, *hi = count * (part + 1) / parts;
+  };
+  float* mine = sums + part * stride;
+  std::fill(mine, mine + b.e + b.ses, 0.f);
+  int64_t lo, hi;
+  if (map) {
+    share(b.h, &lo, &hi);
+    try {
+      if (error->empty() && lo < hi)
+        ExpandInto(b, b.x + i * b.h * b.w * b.cin, lo, hi - lo, map + lo * b.dw.in_w * b.e);
+    } catch (const std::exception& e) {
+      Record(error, e);
+    }
+    barrier.Wait();
+  }
+  share(b.oh, &lo, &hi);
+  try {
+    if (error->empty() && lo < hi) {
+      if (map)
+        DepthwiseRows(b.dw, map, 0, lo, hi, d, mine);
+      else
+        ExpandDepthwise(b, i, lo, hi, d, mine);
+    }
+  } catch (const std::exception& e) {
+    Record(error, e);
+  }
+  barrier.Wait();
+  try {
+    std::vector<float> gate(b.e + b.ses, 0.f);
+    if (b.squeeze) {
+      for (int64_t q = 0; q < parts; ++q)
+        for (int64_t ch = 0; ch < b.e; ++ch) gate[ch] += sums[q * stride + ch];
+      Gate(b, gate.data(), gate.data() + b.e);
+    }
+    // The product splits by pixels, evenly, where the depthwise split by rows.
+    share(b.oh * b.ow, &lo, &hi);
+    if (error->empty() && lo < hi) Project(b, i, lo, hi, d, b.squeeze ? gate.data() : nullptr);
+  } catch (const std::exception& e) {
+    Record(error, e);
+  }
+}
+
+// Per block, the `kBlockConfig` integers of the network's `blocks` attribute, and the
+// parameters it takes from the remaining arguments, in order.
+constexpr int kBlockConfig = 9;  // cin, e, out, k, stride, expand, squeeze, residual, se width
+constexpr int kBlockArgs = 10;   // expand (packed, or float32 (cin, e)), bias;
+                                 // dw kernel (k, k, e), bias;
+                                 // SE reduce (e, s), bias, expand (s, e), bias;
+                                 // project (packed), bias
+
+// Block b's parameters, params[first, first + kBlockArgs), on its shapes (h, w, cin, e, out, k,
+// stride, oh, ow, expand, squeeze, residual, ses, type, activation set): each checked against
+// them (an error naming `where` and the parameter), then b's pointers and derived sizes set.
+template <typename T>
+ffi::Error BindBlock(Block<T>& b, const ffi::RemainingArgs& params, size_t first,
+                     int64_t strip_bytes, const std::string& where) {
+  if ((!b.expand && b.e != b.cin) || b.oh != (b.h + b.stride - 1) / b.stride ||
+      b.ow != (b.w + b.stride - 1) / b.stride ||
+      (b.residual && (b.stride != 1 || b.out != b.cin)))
+    return ffi::Error::InvalidArgument(where + "'s shapes do not follow");
+  const void* p[kBlockArgs];
+  bool plain = false;
+  for (int q = 0; q < kBlockArgs; ++q) {
+    auto buffer = params.get<ffi::AnyBuffer>(first + q);
+    if (!buffer.has_value()) return buffer.error();
+    int64_t count = -1;  // the elements it must hold; -1: not read
+    switch (q) {
+      case 0:  // packed bytes for oneDNN, or float32 (cin, e) for ExpandPixels
+        plain = b.expand && buffer->element_type() == ffi::DataType::F32;
+        count = !b.expand ? -1 : plain ? b.cin * b.e
+                                       : static_cast<int64_t>(
+                                             PackedLayout(b.cin, b.e, b.type).get_size());
+        break;
+      case 1: count = b.expand ? b.e : -1; break;
+      case 2: count = b.k * b.k * b.e; break;
+      case 3: count = b.e; break;
+      case 4: case 6: count = b.squeeze ? b.e * b.ses : -1; break;
+      case 5: count = b.squeeze ? b.ses : -1; break;
+      case 7: count = b.squeeze ? b.e : -1; break;
+      case 8: count = static_cast<int64_t>(PackedLayout(b.e, b.out, b.type).get_size()); break;
+      case 9: count = b.out; break;
+    }
+    if (count >= 0 && static_cast<int64_t>(buffer->element_count()) != count)
+      return ffi::Error::InvalidArgument(where + ", parameter " + std::to_string(q) +
+                                         ": wrong size");
+    p[q] = buffer->untyped_data();
+  }
+  b.expand_kernel = p[0], b.expand_bias = static_cast<const float*>(p[1]);
+  b.expand_plain = plain ? static_cast<const float*>(p[0]) : nullptr;
+  b.dw.kernel = static_cast<const float*>(p[2]), b.dw.bias = static_cast<const float*>(p[3]);
+  b.se_reduce = static_cast<const float*>(p[4]);
+  b.se_reduce_bias = static_cast<const float*>(p[5]);
+  b.se_expand = static_cast<const float*>(p[6]);
+  b.se_expand_bias = static_cast<const float*>(p[7]);
+  b.project_kernel = p[8], b.project_bias = static_cast<const float*>(p[9]);
+  Shape(b, strip_bytes);
+  return ffi::Error::Success();
+}
+
 // Runs one block over every image; returns oneDNN's error, if any.
 template <typename T>
 std::string RunBlock(const Block<T>& b) {
@@ -711,122 +845,62 @@ std::string RunBlock(const Block<T>& b) {
     for (int64_t i = 0; i < b.n; ++i) {
       try {
         T* d = reinterpret_cast<T*>(ThreadBuffer(kDepthwise, b.oh * b.ow * b.e * sizeof(T)));
-        float* pooled = reinterpret_cast<float*>(ThreadBuffer(kPooled, pool * sizeof(float)));
-        std::fill(pooled, pooled + pool, 0.f);
-        ExpandDepthwise(b, i, 0, b.oh, d, pooled);
-        if (b.squeeze) Gate(b, pooled, pooled + b.e);
-        Project(b, i, 0, b.oh * b.ow, d, b.squeeze ? pooled : nullptr);
-      } catch (const dnnl::error& err) {
-#pragma omp critical
-        error = err.what();
+        WholeBlock(b, i, d, reinterpret_cast<float*>(ThreadBuffer(kPooled, pool * sizeof(float))));
+      } catch (const std::exception& e) {
+        Record(&error, e);
       }
     }
-  } else {
-    // Fewer images than threads: each image's rows split between threads, which sum their
-    // channels apart, meet, then each gates and projects its own rows.
-    const int64_t parts = std::min<int64_t>(threads / b.n, b.oh), items = b.n * parts;
-    T* maps = reinterpret_cast<T*>(ThreadBuffer(kMaps, b.n * b.oh * b.ow * b.e * sizeof(T)));
-    std::vector<float> sums(items * pool, 0.f);
-    SpinBarrier barrier(items);
+    return error;
+  }
+  // Fewer images than threads: each image's rows split between threads.
+  const int64_t parts = std::min<int64_t>(threads / b.n, b.oh), items = b.n * parts;
+  const int64_t map = b.oh * b.ow * b.e, whole = SharesExpand(b) ? b.h * b.dw.in_w * b.e : 0;
+  T* maps = reinterpret_cast<T*>(ThreadBuffer(kMaps, b.n * map * sizeof(T)));
+  T* expanded = reinterpret_cast<T*>(ThreadBuffer(kExpanded, b.n * whole * sizeof(T)));
+  std::vector<float> sums(items * pool, 0.f);
+  SpinBarrier barrier(items);
 #pragma omp parallel num_threads(items)
-    {
-      const int64_t item = omp_get_thread_num(), i = item / parts, part = item % parts;
-      const int64_t lo = b.oh * part / parts, hi = b.oh * (part + 1) / parts;
-      T* d = maps + i * b.oh * b.ow * b.e;
-      try {
-        ExpandDepthwise(b, i, lo, hi, d, &sums[item * pool]);
-      } catch (const dnnl::error& err) {
-#pragma omp critical
-        error = err.what();
-      }
-      barrier.Wait();
-      try {
-        std::vector<float> gate(pool, 0.f);
-        if (b.squeeze) {
-          for (int64_t q = 0; q < parts; ++q)
-            for (int64_t ch = 0; ch < b.e; ++ch) gate[ch] += sums[(i * parts + q) * pool + ch];
-          Gate(b, gate.data(), gate.data() + b.e);
-        }
-        // The product splits by pixels, evenly, where the depthwise split by rows.
-        const int64_t pixels = b.oh * b.ow;
-        if (error.empty())
-          Project(b, i, pixels * part / parts, pixels * (part + 1) / parts, d,
-                  b.squeeze ? gate.data() : nullptr);
-      } catch (const dnnl::error& err) {
-#pragma omp critical
-        error = err.what();
-      }
-    }
+  {
+    const int64_t item = omp_get_thread_num(), i = item / parts, part = item % parts;
+    SplitBlock(b, i, part, parts, whole ? expanded + i * whole : nullptr, maps + i * map,
+               &sums[i * parts * pool], pool, barrier, &error);
   }
   return error;
 }
 
 template <typename T>
-ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
-                      ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
-                      ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
-                      ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
-                      ffi::Buffer<ffi::F32> se_expand_bias, ffi::Buffer<ffi::U8> project_kernel,
-                      ffi::Buffer<ffi::F32> project_bias, ffi::Result<ffi::AnyBuffer> y,
+ffi::Error MbconvImpl(ffi::AnyBuffer x, ffi::RemainingArgs params, ffi::Result<ffi::AnyBuffer> y,
                       int64_t stride, int64_t activation, bool expand, bool squeeze,
                       bool residual, int64_t strip_bytes, memory::data_type type) {
-  auto xd = x.dimensions(), dd = dw_kernel.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || dd.size() != 3 || yd.size() != 4 || dd[0] != dd[1])
+  auto xd = x.dimensions(), yd = y->dimensions();
+  auto dw = params.get<ffi::AnyBuffer>(2), se = params.get<ffi::AnyBuffer>(4);
+  if (params.size() != kBlockArgs || !dw.has_value() || !se.has_value() || xd.size() != 4 ||
+      yd.size() != 4 || dw->dimensions().size() != 3 || yd[0] != xd[0] ||
+      dw->dimensions()[0] != dw->dimensions()[1] || (squeeze && se->dimensions().size() != 2))
     return ffi::Error::InvalidArgument(
-        "ej_onednn_mbconv: x and y (N, H, W, C), the depthwise kernel (k, k, E)");
+        "ej_onednn_mbconv: x and y (N, H, W, C), then the block's 10 parameters, the depthwise "
+        "kernel (k, k, E), SE's reduce kernel (E, S)");
   Block<T> b{};
-  b.n = xd[0], b.h = xd[1], b.w = xd[2], b.cin = xd[3], b.k = dd[0], b.e = dd[2];
+  b.n = xd[0], b.h = xd[1], b.w = xd[2], b.cin = xd[3];
+  b.k = dw->dimensions()[0], b.e = dw->dimensions()[2];
   b.out = yd[3], b.oh = yd[1], b.ow = yd[2], b.stride = stride, b.activation = activation;
   b.expand = expand, b.squeeze = squeeze, b.residual = residual, b.type = type;
-  b.ses = squeeze ? se_reduce.dimensions()[1] : 0;
-  if ((!expand && b.cin != b.e) || b.oh != (b.h + stride - 1) / stride ||
-      b.ow != (b.w + stride - 1) / stride || yd[0] != b.n ||
-      (residual && (stride != 1 || b.out != b.cin)) ||
-      (squeeze && (se_reduce.dimensions()[0] != b.e || se_expand.dimensions()[1] != b.e)))
-    return ffi::Error::InvalidArgument("ej_onednn_mbconv: inconsistent shapes");
-  try {
-    const bool plain = expand_kernel.element_type() == ffi::DataType::F32;
-    if ((expand && (plain ? static_cast<int64_t>(expand_kernel.element_count()) != b.cin * b.e
-                          : expand_kernel.element_type() != ffi::DataType::U8 ||
-                                static_cast<size_t>(expand_kernel.element_count()) !=
-                                    PackedLayout(b.cin, b.e, type).get_size())) ||
-        static_cast<size_t>(project_kernel.element_count()) !=
-            PackedLayout(b.e, b.out, type).get_size())
-      return ffi::Error::InvalidArgument(
-          "ej_onednn_mbconv: the 1x1 kernels are not packed (ej_onednn_pack) for these shapes");
-  } catch (const dnnl::error& err) {
-    return Failed(std::string("mbconv: ") + err.what());
-  }
-  b.dw.kernel = dw_kernel.typed_data();
-  b.dw.bias = dw_bias.typed_data();
-  Shape(b, strip_bytes);
+  b.ses = squeeze ? se->dimensions()[1] : 0;
   b.x = static_cast<const T*>(x.untyped_data());
   b.y = static_cast<T*>(y->untyped_data());
-  b.expand_kernel = expand_kernel.untyped_data();
-  b.expand_plain = expand && expand_kernel.element_type() == ffi::DataType::F32
-                       ? static_cast<const float*>(expand_kernel.untyped_data())
-                       : nullptr;
-  b.project_kernel = project_kernel.typed_data();
-  b.expand_bias = expand_bias.typed_data();
-  b.se_reduce = se_reduce.typed_data(), b.se_reduce_bias = se_reduce_bias.typed_data();
-  b.se_expand = se_expand.typed_data(), b.se_expand_bias = se_expand_bias.typed_data();
-  b.project_bias = project_bias.typed_data();
   std::string error;
   try {
+    ffi::Error bound = BindBlock(b, params, 0, strip_bytes, "ej_onednn_mbconv: the block");
+    if (bound.failure()) return bound;
     error = RunBlock(b);
-  } catch (const dnnl::error& err) {
-    error = err.what();
+  } catch (const std::exception& e) {
+    error = e.what();
   }
   if (!error.empty()) return Failed("mbconv: " + error);
   return ffi::Error::Success();
 }
 
-ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
-                  ffi::Buffer<ffi::F32> expand_bias, ffi::Buffer<ffi::F32> dw_kernel,
-                  ffi::Buffer<ffi::F32> dw_bias, ffi::Buffer<ffi::F32> se_reduce,
-                  ffi::Buffer<ffi::F32> se_reduce_bias, ffi::Buffer<ffi::F32> se_expand,
-                  ffi::Buffer<ffi::F32> se_expand_bias, ffi::Buffer<ffi::U8> project_kernel,
-                  ffi::Buffer<ffi::F32> project_bias, ffi::Result<ffi::AnyBuffer> y,
+ffi::Error Mbconv(ffi::AnyBuffer x, ffi::RemainingArgs params, ffi::Result<ffi::AnyBuffer> y,
                   int64_t stride, int64_t activation, bool expand, bool squeeze, bool residual,
                   int64_t strip_bytes) {
   memory::data_type type;
@@ -835,13 +909,9 @@ ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
   if (activation < 0 || activation >= kActivations || stride < 1)
     return ffi::Error::InvalidArgument("ej_onednn_mbconv: unknown activation or stride");
   if (type == memory::data_type::bf16)
-    return MbconvImpl<uint16_t>(x, expand_kernel, expand_bias, dw_kernel, dw_bias, se_reduce,
-                                se_reduce_bias, se_expand, se_expand_bias, project_kernel,
-                                project_bias, y, stride, activation, expand, squeeze, residual,
+    return MbconvImpl<uint16_t>(x, params, y, stride, activation, expand, squeeze, residual,
                                 strip_bytes, type);
-  return MbconvImpl<float>(x, expand_kernel, expand_bias, dw_kernel, dw_bias, se_reduce,
-                           se_reduce_bias, se_expand, se_expand_bias, project_kernel,
-                           project_bias, y, stride, activation, expand, squeeze, residual,
+  return MbconvImpl<float>(x, params, y, stride, activation, expand, squeeze, residual,
                            strip_bytes, type);
 }
 
@@ -850,7 +920,8 @@ ffi::Error Mbconv(ffi::AnyBuffer x, ffi::AnyBuffer expand_kernel,
 // least as many images as threads each thread carries whole images through the network (its
 // maps stay in its core's cache from the stem to the pooling, and no thread waits on another);
 // with fewer, the threads split each map's rows and meet twice per block (after the depthwise,
-// for squeeze-excite's sums, and after the project, whose rows the next block's taps share).
+// for squeeze-excite's sums, and after the project, whose rows the next block's taps share), and
+// once more before the depthwise where they make a small expanded map together (SplitBlock).
 
 struct Stem {
   int64_t h, w, cin, out, oh, ow, k, stride, pad_top, pad_left, activation;
@@ -940,8 +1011,8 @@ void HeadRows(const Head& hd, const T* in, int64_t p0, int64_t p1, float* sums) 
 }
 
 template <typename T>
-std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::vector<Block<T>> blocks,
-                       const Head& head, float* features) {
+std::string RunNetwork(int64_t n, const float* images, const Stem& stem,
+                       const std::vector<Block<T>>& blocks, const Head& head, float* features) {
   int64_t largest = stem.oh * stem.ow * stem.out, widest = 1, pool = 1;
   for (const Block<T>& b : blocks) {
     largest = std::max({largest, b.oh * b.ow * b.out, b.h * b.w * b.cin});
@@ -951,10 +1022,6 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
   const int threads = omp_get_max_threads();
   const int64_t image_in = stem.h * stem.w * stem.cin, pixels = head.h * head.w;
   std::string error;
-  auto failed = [&](const std::exception& e) {
-#pragma omp critical
-    error = e.what();
-  };
   if (n >= threads) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < n; ++i) {
@@ -966,10 +1033,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
         StemRows(stem, images + i * image_in, a, 0, stem.oh);
         for (Block<T> b : blocks) {
           b.x = a, b.y = c;
-          std::fill(pooled, pooled + pool, 0.f);
-          ExpandDepthwise(b, 0, 0, b.oh, d, pooled);
-          if (b.squeeze) Gate(b, pooled, pooled + b.e);
-          Project(b, 0, 0, b.oh * b.ow, d, b.squeeze ? pooled : nullptr);
+          WholeBlock(b, 0, d, pooled);
           std::swap(a, c);
         }
         float* out = features + i * head.out;
@@ -977,7 +1041,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
         HeadRows(head, a, 0, pixels, out);
         for (int64_t ch = 0; ch < head.out; ++ch) out[ch] /= pixels;
       } catch (const std::exception& e) {
-        failed(e);
+        Record(&error, e);
       }
     }
     return error;
@@ -989,8 +1053,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
   T* d = reinterpret_cast<T*>(ThreadBuffer(kMaps, n * widest * sizeof(T)));
   int64_t shared_expand = 0;  // the largest expanded map shared between threads
   for (const Block<T>& b : blocks)
-    if (b.expand && b.h * b.dw.in_w * b.e * sizeof(T) <= kSharedExpandBytes)
-      shared_expand = std::max(shared_expand, b.h * b.dw.in_w * b.e);
+    if (SharesExpand(b)) shared_expand = std::max(shared_expand, b.h * b.dw.in_w * b.e);
   T* expanded = reinterpret_cast<T*>(ThreadBuffer(kExpanded, n * shared_expand * sizeof(T)));
   std::vector<float> sums(items * std::max(pool, head.out));
   const int64_t stride_sums = std::max(pool, head.out);
@@ -1008,45 +1071,13 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
       rows(stem.oh, &lo, &hi);
       StemRows(stem, images + i * image_in, from, lo, hi);
     } catch (const std::exception& e) {
-      failed(e);
+      Record(&error, e);
     }
     barrier.Wait();
     for (Block<T> b : blocks) {
       b.x = from, b.y = to;
-      std::fill(mine, mine + pool, 0.f);
-      try {
-        if (b.expand && b.h * b.dw.in_w * b.e * sizeof(T) <= kSharedExpandBytes) {
-          // A small map: the threads expand disjoint rows of the whole map, meet, then each
-          // runs the depthwise conv over its output rows (no rows expanded twice).
-          T* map = expanded + i * shared_expand;
-          rows(b.h, &lo, &hi);
-          if (error.empty() && lo < hi)
-            ExpandInto(b, from, lo, hi - lo, map + lo * b.dw.in_w * b.e);
-          barrier.Wait();
-          rows(b.oh, &lo, &hi);
-          if (error.empty() && lo < hi) DepthwiseRows(b.dw, map, 0, lo, hi, di, mine);
-        } else {
-          rows(b.oh, &lo, &hi);
-          if (error.empty() && lo < hi) ExpandDepthwise(b, 0, lo, hi, di, mine);
-        }
-      } catch (const std::exception& e) {
-        failed(e);
-      }
-      barrier.Wait();
-      try {
-        std::vector<float> gate(pool, 0.f);
-        if (b.squeeze) {
-          for (int64_t q = 0; q < parts; ++q)
-            for (int64_t ch = 0; ch < b.e; ++ch)
-              gate[ch] += sums[(i * parts + q) * stride_sums + ch];
-          Gate(b, gate.data(), gate.data() + b.e);
-        }
-        // The product splits by pixels, evenly, where the depthwise split by rows.
-        rows(b.oh * b.ow, &lo, &hi);
-        if (error.empty() && lo < hi) Project(b, 0, lo, hi, di, b.squeeze ? gate.data() : nullptr);
-      } catch (const std::exception& e) {
-        failed(e);
-      }
+      SplitBlock(b, 0, part, parts, SharesExpand(b) ? expanded + i * shared_expand : nullptr, di,
+                 &sums[i * parts * stride_sums], stride_sums, barrier, &error);
       barrier.Wait();
       std::swap(from, to);
     }
@@ -1055,7 +1086,7 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
     try {
       if (error.empty() && lo < hi) HeadRows(head, from, lo, hi, mine);
     } catch (const std::exception& e) {
-      failed(e);
+      Record(&error, e);
     }
     barrier.Wait();
     if (part == 0) {
@@ -1069,13 +1100,6 @@ std::string RunNetwork(int64_t n, const float* images, const Stem& stem, std::ve
   }
   return error;
 }
-
-// Per block, the `kBlockConfig` integers of the `blocks` attribute, and the parameters it takes
-// from the remaining arguments, in order.
-constexpr int kBlockConfig = 9;  // cin, e, out, k, stride, expand, squeeze, residual, se width
-constexpr int kBlockArgs = 10;   // expand (packed), bias; dw kernel (k, k, e), bias;
-                                 // SE reduce (e, s), bias, expand (s, e), bias;
-                                 // project (packed), bias
 
 template <typename T>
 ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kernel,
@@ -1112,42 +1136,10 @@ ffi::Error NetworkImpl(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_
       b.stride = cfg[4], b.expand = cfg[5], b.squeeze = cfg[6], b.residual = cfg[7];
       b.ses = b.squeeze ? cfg[8] : 0, b.activation = activation, b.type = type;
       b.oh = (h + b.stride - 1) / b.stride, b.ow = (w + b.stride - 1) / b.stride;
-      if (b.cin != channels || (!b.expand && b.e != b.cin) ||
-          (b.residual && (b.stride != 1 || b.out != b.cin)))
-        return bad("block " + std::to_string(j) + "'s shapes do not follow");
-      auto arg = [&](int index, int64_t count) -> ffi::ErrorOr<const void*> {
-        auto buffer = params.get<ffi::AnyBuffer>(j * kBlockArgs + index);
-        if (!buffer.has_value()) return ffi::Unexpected(buffer.error());
-        if (count >= 0 && static_cast<int64_t>(buffer->element_count()) != count)
-          return ffi::Unexpected(bad("block " + std::to_string(j) + ", parameter " +
-                                     std::to_string(index) + ": wrong size"));
-        return buffer->untyped_data();
-      };
-      // The expand kernel: packed bytes for oneDNN, or float32 (cin, e) for ExpandPixels.
-      auto first = params.get<ffi::AnyBuffer>(j * kBlockArgs);
-      if (!first.has_value()) return first.error();
-      const bool plain = b.expand && first->element_type() == ffi::DataType::F32;
-      const int64_t expand_bytes = !b.expand ? -1
-                                   : plain   ? b.cin * b.e
-                                             : PackedLayout(b.cin, b.e, type).get_size();
-      const int64_t project_bytes = PackedLayout(b.e, b.out, type).get_size();
-      const int64_t se = b.squeeze ? b.ses : -1, se_e = b.squeeze ? b.e : -1;
-      const int64_t counts[kBlockArgs] = {expand_bytes, b.expand ? b.e : -1, b.k * b.k * b.e,
-                                          b.e, se < 0 ? -1 : b.e * se, se, se < 0 ? -1 : se * b.e,
-                                          se_e, project_bytes, b.out};
-      const void* p[kBlockArgs];
-      for (int q = 0; q < kBlockArgs; ++q) {
-        auto got = arg(q, counts[q]);
-        if (!got.has_value()) return got.error();
-        p[q] = *got;
-      }
-      b.expand_kernel = p[0], b.expand_bias = static_cast<const float*>(p[1]);
-      b.expand_plain = plain ? static_cast<const float*>(p[0]) : nullptr;
-      b.dw.kernel = static_cast<const float*>(p[2]), b.dw.bias = static_cast<const float*>(p[3]);
-      b.se_reduce = static_cast<const float*>(p[4]), b.se_reduce_bias = static_cast<const float*>(p[5]);
-      b.se_expand = static_cast<const float*>(p[6]), b.se_expand_bias = static_cast<const float*>(p[7]);
-      b.project_kernel = p[8], b.project_bias = static_cast<const float*>(p[9]);
-      Shape(b, strip_bytes);
+      if (b.cin != channels) return bad("block " + std::to_string(j) + "'s shapes do not follow");
+      ffi::Error bound = BindBlock(b, params, j * kBlockArgs, strip_bytes,
+                                   "ej_onednn_network: block " + std::to_string(j));
+      if (bound.failure()) return bound;
       blocks.push_back(b);
       h = b.oh, w = b.ow, channels = b.out;
     }
@@ -1197,16 +1189,7 @@ ffi::Error Network(ffi::Buffer<ffi::F32> images, ffi::Buffer<ffi::F32> stem_kern
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EjOnednnMbconv, Mbconv,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("activation")
